@@ -1,0 +1,66 @@
+"""AdamH: Adam on the Frobenius sphere (Wen et al., hyperball part 1; DESIGN.md §2).
+
+    m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
+    u = m_hat / (sqrt(v_hat) + eps)
+    W' = W - lr R N(u),   W_next = R N(W')         (update_norm='exact')
+    W' = W - lr u,        W_next = R N(W')         (update_norm='shape': Adam's update as is)
+
+Groups with ``sphere=False`` take plain AdamW (decoupled weight decay) with the same moments,
+so one optimizer can hold a whole model: matrices on spheres, embeddings/norms/biases on Adam.
+State keys match torch.optim.AdamW ('step', 'exp_avg', 'exp_avg_sq'), which is what
+Megatron's distributed optimizer checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from megatron_hyperball.optim.hyperball import HyperballOptimizer
+from megatron_hyperball.optim.sphere import SphereLayout
+
+
+class AdamH(HyperballOptimizer):
+    name = "AdamH"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        radius: str | float = "init",
+        update_norm: str = "exact",
+        weight_decay: float = 0.0,
+        *,
+        layout: SphereLayout | None = None,
+        prepare_spheres: bool = True,
+    ) -> None:
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"AdamH: betas={betas!r} must each be in [0, 1)")
+        if not eps >= 0.0:
+            raise ValueError(f"AdamH: eps={eps!r} must be >= 0")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, radius=radius, update_norm=update_norm,
+            weight_decay=weight_decay,
+        )
+        super().__init__(params, defaults, layout=layout, prepare_spheres=prepare_spheres)
+
+    def direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+        g = p.grad
+        if len(state) == 0 or "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state.setdefault("exp_avg", torch.zeros_like(p))
+            state.setdefault("exp_avg_sq", torch.zeros_like(p))
+        state["step"] += 1
+        t = state["step"].item()
+        b1, b2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+        return (m / (1 - b1**t)).div_(denom)
+
+    def shape_scale(self, shape: tuple[int, int]) -> float:
+        return 1.0  # Adam's update as is (DESIGN.md §2, update-norm 'shape')

@@ -1,0 +1,85 @@
+"""MuonH: Muon on the Frobenius sphere (hyperball part 1, HyperP; DESIGN.md §2).
+
+    B = mu B + (1 - mu) g                       momentum (EMA form, as emerging-optimizers' Muon)
+    M = g + mu (B - g)  (nesterov)  or  B
+    u = NS5(M)                                  Newton-Schulz, quintic coefficients
+    W' = W - lr R N(u),   W_next = R N(W')      (update_norm='exact')
+    W' = W - lr s u,      s = sqrt(max(m/n, n/m))   (update_norm='shape', MD's Muon scaling)
+
+Every parameter must be a matrix; give embeddings, norms and biases to Adam.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from megatron_hyperball.optim import newton_schulz
+from megatron_hyperball.optim.hyperball import HyperballOptimizer
+from megatron_hyperball.optim.sphere import SphereLayout
+
+
+class MuonH(HyperballOptimizer):
+    name = "MuonH"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = newton_schulz.NS_STEPS,
+        radius: str | float = "init",
+        update_norm: str = "exact",
+        weight_decay: float = 0.0,
+        coefficient_type: str = newton_schulz.NS_COEFFICIENTS,
+        fp32_matmul_prec: str = "medium",
+        *,
+        layout: SphereLayout | None = None,
+        prepare_spheres: bool = True,
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"MuonH: momentum={momentum!r} must be in [0, 1)")
+        if int(ns_steps) != ns_steps or ns_steps < 1:
+            raise ValueError(f"MuonH: ns_steps={ns_steps!r} must be a positive integer")
+        self.nesterov = nesterov
+        self.ns_steps = int(ns_steps)
+        self.coefficient_type = coefficient_type
+        self.fp32_matmul_prec = fp32_matmul_prec
+        defaults = dict(
+            lr=lr, momentum=momentum, radius=radius, update_norm=update_norm,
+            weight_decay=weight_decay,
+        )
+        super().__init__(params, defaults, layout=layout, prepare_spheres=prepare_spheres)
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.dim() != 2:
+                    raise ValueError(
+                        f"MuonH: parameter {pi} of param group {gi} has shape {tuple(p.shape)}; "
+                        f"Muon orthogonalizes matrices only (2-D). Give it to Adam/AdamH."
+                    )
+                if not group["sphere"]:
+                    raise ValueError(f"MuonH: param group {gi} has sphere=False; MuonH holds spheres only")
+
+    def momentum_direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+        g = p.grad
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        mu = group["momentum"]
+        buf.lerp_(g, 1 - mu)
+        return g.lerp(buf, mu) if self.nesterov else buf.clone()
+
+    def orthogonalize(self, p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return newton_schulz.orthogonalize(
+            m, self.ns_steps, self.coefficient_type, self.fp32_matmul_prec
+        ).to(p.dtype)
+
+    def direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+        return self.orthogonalize(p, self.momentum_direction(p, group, state))
+
+    def shape_scale(self, shape: tuple[int, int]) -> float:
+        m, n = shape
+        return math.sqrt(max(m / n, n / m))

@@ -1,0 +1,169 @@
+"""The hyperball (Frobenius-sphere) step, written so it runs on whole matrices or on shards.
+
+For a matrix W (m x n) on the sphere of radius R and a base-optimizer direction u (DESIGN.md §2):
+
+    W'     = W - lr * R * N(u)          exact mode: the relative step is exactly lr
+    W'     = W - lr * s * u             shape mode: u as the base optimizer made it, s a shape factor
+    W_next = R * N(W')                  retract to the sphere
+
+Everything the step needs about the *full* matrix is three scalars: ||W||^2, <W, u>, ||u||^2.
+Each rank computes their partial sums over the elements it holds, a ``SphereLayout`` sums them
+over the ranks that share the matrix (one small all-reduce for all spheres at once), and then
+every rank applies ``W_next = a * W - b * u`` to its local elements, with
+
+    alpha = R / ||W||           (1 once W is on the sphere; rescales a W that is not)
+    beta  = lr * R / ||u||      (exact)   or   lr * s   (shape)
+    ||W'||^2 = alpha^2 ||W||^2 - 2 alpha beta <W, u> + beta^2 ||u||^2
+    a = alpha * R / ||W'||,   b = beta * R / ||W'||
+
+so no rank ever needs another rank's weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+RADIUS_MODES = ("init", "sqrt_max_dim", "<positive number>")
+UPDATE_NORM_MODES = ("exact", "shape")
+
+
+def check_radius(radius) -> str | float:
+    """Validate a radius option: 'init', 'sqrt_max_dim' or a positive number."""
+    if isinstance(radius, str):
+        if radius in ("init", "sqrt_max_dim"):
+            return radius
+        try:
+            radius = float(radius)
+        except ValueError:
+            raise ValueError(
+                f"radius={radius!r} is not a radius mode; allowed: {', '.join(RADIUS_MODES)}"
+            ) from None
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)):
+        raise ValueError(f"radius={radius!r} is not a radius mode; allowed: {', '.join(RADIUS_MODES)}")
+    if not math.isfinite(radius) or radius <= 0:
+        raise ValueError(f"radius={radius!r} must be a positive finite number (or 'init' / 'sqrt_max_dim')")
+    return float(radius)
+
+
+def check_update_norm(update_norm: str) -> str:
+    if update_norm not in UPDATE_NORM_MODES:
+        raise ValueError(
+            f"update_norm={update_norm!r} is not an update-norm mode; allowed: {', '.join(UPDATE_NORM_MODES)}"
+        )
+    return update_norm
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(m, n) of a weight viewed as a matrix: out x (everything else)."""
+    if len(shape) == 0:
+        return (1, 1)
+    return (int(shape[0]), int(math.prod(shape[1:])) if len(shape) > 1 else 1)
+
+
+def fixed_radius(radius: str | float, shape: tuple[int, int]) -> float | None:
+    """The radius a sphere is held at, or None in 'init' mode (R is then ||W|| itself)."""
+    if radius == "init":
+        return None
+    if radius == "sqrt_max_dim":
+        return math.sqrt(max(shape))
+    return float(radius)
+
+
+@dataclass
+class SphereLayout:
+    """Which sphere each local tensor belongs to, and how partial sums become full sums.
+
+    ``index`` maps a local tensor (by identity) to its sphere number; ``shapes[k]`` is the full
+    (m, n) of sphere k. Every rank that shares a sphere must number it the same way, including
+    ranks whose local slice of it is empty. ``all_reduce_`` turns a (num_spheres, k) tensor of
+    local partial sums into full sums in place; the default sums nothing (whole matrices).
+    """
+
+    index: dict[int, int]
+    shapes: list[tuple[int, int]]
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def num_spheres(self) -> int:
+        return len(self.shapes)
+
+    def sphere_of(self, p: torch.Tensor) -> int | None:
+        return self.index.get(id(p))
+
+    def all_reduce_(self, partials: torch.Tensor) -> None:  # noqa: D401 - hook
+        """Sum partials over the ranks that share each sphere (no-op for whole matrices)."""
+
+
+def whole_matrix_layout(params: Sequence[torch.Tensor]) -> SphereLayout:
+    """Each tensor is a whole matrix and its own sphere."""
+    return SphereLayout(
+        index={id(p): k for k, p in enumerate(params)},
+        shapes=[matrix_shape(p.shape) for p in params],
+        device=params[0].device if params else torch.device("cpu"),
+    )
+
+
+def sphere_partials(
+    layout: SphereLayout, weights: Sequence[torch.Tensor], updates: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """(num_spheres, 3) fp32 partial sums [||W||^2, <W,u>, ||u||^2] of the local elements."""
+    device = weights[0].device if weights else layout.device
+    partials = torch.zeros(layout.num_spheres, 3, dtype=torch.float32, device=device)
+    if not weights:
+        return partials
+    w_flat = [w.reshape(-1).float() for w in weights]
+    u_flat = [u.reshape(-1).float() for u in updates]
+    rows = torch.stack(
+        [
+            torch.stack([torch.dot(w, w), torch.dot(w, u), torch.dot(u, u)])
+            for w, u in zip(w_flat, u_flat)
+        ]
+    )
+    idx = torch.tensor([layout.sphere_of(w) for w in weights], device=device)
+    partials.index_add_(0, idx, rows)
+    return partials
+
+
+def hyperball_coefficients(
+    sums: torch.Tensor,
+    lr: torch.Tensor,
+    radius: torch.Tensor,
+    update_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sphere (a, b) with W_next = a * W - b * u, from the full sums (see module doc).
+
+    ``radius`` holds R per sphere, NaN where R is ||W|| itself ('init' mode). ``update_scale``
+    holds the shape factor s per sphere for shape mode, NaN for exact mode.
+    """
+    sums = sums.double()  # a handful of scalars: do the algebra in float64
+    w_sq, wu, u_sq = sums.unbind(-1)
+    w_norm, u_norm = w_sq.sqrt(), u_sq.sqrt()
+    lr = lr.double()
+    r = torch.where(torch.isnan(radius), w_norm, radius.double())
+    alpha = r / w_norm
+    exact_beta = torch.where(u_norm > 0, lr * r / u_norm, torch.zeros_like(u_norm))
+    beta = torch.where(torch.isnan(update_scale), exact_beta, lr * update_scale.double())
+    new_sq = alpha * alpha * w_sq - 2 * alpha * beta * wu + beta * beta * u_sq
+    c = r / new_sq.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    return (alpha * c).float(), (beta * c).float()
+
+
+def apply_hyperball_(
+    weights: Sequence[torch.Tensor],
+    updates: Sequence[torch.Tensor],
+    sphere_ids: Sequence[int],
+    a: torch.Tensor,
+    b: torch.Tensor,
+) -> None:
+    """W <- a[k] W - b[k] u for each local tensor of sphere k, in place (u is scratch: overwritten)."""
+    if not weights:
+        return
+    # one host sync per step for all spheres, then multi-tensor kernels
+    a_loc, b_loc = torch.stack([a, b])[:, list(sphere_ids)].tolist()
+    torch._foreach_mul_(list(weights), a_loc)
+    torch._foreach_mul_(list(updates), b_loc)
+    torch._foreach_sub_(list(weights), list(updates))

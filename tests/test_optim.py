@@ -1,0 +1,139 @@
+"""Single-process AdamH / MuonH against the float64 references of DESIGN.md §2."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_hyperball.optim import AdamH, MuonH, canonical_name
+from megatron_hyperball.optim.newton_schulz import orthogonalize
+from tests.reference import AdamHReference, MuonHReference, adamw_reference_step, chord_from_lr
+
+STEPS = 25
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _grads(shape, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("radius", ["init", "sqrt_max_dim", 3.0])
+@pytest.mark.parametrize("update_norm", ["exact", "shape"])
+def test_adamh_matches_float64_reference(radius, update_norm):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(24, 16) * 0.02)
+    ref = AdamHReference(w, lr=0.03, radius=radius, update_norm=update_norm)
+    opt = AdamH([w], lr=0.03, radius=radius, update_norm=update_norm)
+    assert rel(w.detach(), ref.w) < 1e-6  # fixed radii rescale W onto the sphere at construction
+    for g in _grads(w.shape, STEPS, 1):
+        w.grad = g.clone()
+        opt.step()
+        ref.step(g)
+        assert abs(w.detach().double().norm().item() / ref.R - 1) < 1e-6
+    assert rel(w.detach(), ref.w) <= 1e-6
+
+
+def test_adamh_plain_group_is_adamw():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    b = torch.nn.Parameter(torch.randn(8))
+    opt = AdamH([{"params": [w]}, {"params": [b], "sphere": False, "weight_decay": 0.1}], lr=0.01)
+    state = {"m": torch.zeros(8, dtype=torch.float64), "v": torch.zeros(8, dtype=torch.float64), "t": 0}
+    b_ref = b.detach().double().clone()
+    for g in _grads(b.shape, STEPS, 2):
+        w.grad = torch.randn_like(w)
+        b.grad = g.clone()
+        opt.step()
+        b_ref = adamw_reference_step(state, b_ref, g.double(), 0.01, (0.9, 0.95), 1e-8, 0.1)
+    assert rel(b.detach(), b_ref) <= 1e-6
+
+
+def _orth_fp32(x):
+    return orthogonalize(x.float(), fp32_matmul_prec="highest")
+
+
+@pytest.mark.parametrize("shape", [(32, 16), (16, 48)])
+@pytest.mark.parametrize("update_norm", ["exact", "shape"])
+def test_muonh_matches_reference_with_same_newton_schulz(shape, update_norm):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(shape) * 0.02)
+    radius = "init" if update_norm == "exact" else "sqrt_max_dim"
+    ref = MuonHReference(w, lr=0.02, orth=_orth_fp32, radius=radius, update_norm=update_norm)
+    opt = MuonH([w], lr=0.02, radius=radius, update_norm=update_norm, fp32_matmul_prec="highest")
+    for g in _grads(shape, STEPS, 3):
+        w.grad = g.clone()
+        opt.step()
+        ref.step(g)
+        assert abs(w.detach().double().norm().item() / ref.R - 1) < 1e-6
+    # same NS in fp32; the reference carries momentum in float64, so inputs differ by fp32 rounding
+    assert rel(w.detach(), ref.w) <= 1e-5
+
+
+@pytest.mark.parametrize("cls", [AdamH, MuonH])
+def test_exact_mode_chord_matches_lr(cls):
+    """Every step: ||W_t|| = R, and ||W_{t+1} - W_t|| / R is the chord implied by lr."""
+    torch.manual_seed(0)
+    lr = 0.05
+    w = torch.nn.Parameter(torch.randn(20, 12))
+    R = w.detach().norm().item()
+    kwargs = {"fp32_matmul_prec": "highest"} if cls is MuonH else {}
+    opt = cls([w], lr=lr, **kwargs)
+    directions = []
+    orig = opt.direction
+    opt.direction = lambda p, g, s: directions.append(orig(p, g, s).clone()) or directions[-1].clone()
+    for g in _grads(w.shape, STEPS, 4):
+        w0 = w.detach().double().clone()
+        w.grad = g
+        opt.step()
+        u = directions[-1].double()
+        cos = (w0 * u).sum().item() / (w0.norm().item() * u.norm().item())
+        chord = (w.detach().double() - w0).norm().item() / R
+        assert abs(w.detach().double().norm().item() / R - 1) < 1e-6
+        assert abs(chord - chord_from_lr(lr, cos)) < 1e-6
+
+
+def test_zero_gradient_leaves_matrix_in_place():
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    w0 = w.detach().clone()
+    opt = AdamH([w], lr=0.1)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    assert torch.equal(w.detach(), w0)
+
+
+# -- bad input: each a clear error naming the option and what is allowed, before any step -------
+
+def test_zero_norm_matrix_is_refused():
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 \(shape \(4, 4\)\).*norm 0"):
+        AdamH([torch.nn.Parameter(torch.zeros(4, 4))])
+
+
+def test_weight_decay_on_sphere_group_is_refused():
+    with pytest.raises(ValueError, match=r"sphere group.*weight_decay=0.1.*allowed: weight_decay=0"):
+        MuonH([torch.nn.Parameter(torch.randn(4, 4))], weight_decay=0.1)
+
+
+def test_unknown_radius_and_update_norm_are_refused():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"radius='unit'.*allowed: init, sqrt_max_dim, <positive number>"):
+        AdamH([p], radius="unit")
+    with pytest.raises(ValueError, match=r"radius=-1.0 must be a positive"):
+        AdamH([p], radius=-1.0)
+    with pytest.raises(ValueError, match=r"update_norm='rms'.*allowed: exact, shape"):
+        MuonH([p], update_norm="rms")
+
+
+def test_optimizer_name_typo_is_refused():
+    assert canonical_name("muon_hyperball") == "muonh"
+    assert canonical_name("AdamH") == "adamh"
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adamhh'.*adam_hyperball, adamh, muon_hyperball, muonh"):
+        canonical_name("adamhh")
+
+
+def test_muonh_refuses_non_matrix():
+    with pytest.raises(ValueError, match=r"shape \(8,\).*matrices only"):
+        MuonH([torch.nn.Parameter(torch.randn(8))])
