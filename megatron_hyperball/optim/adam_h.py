@@ -47,14 +47,20 @@ class AdamH(HyperballOptimizer):
         )
         super().__init__(params, defaults, layout=layout, prepare_spheres=prepare_spheres)
 
+    def begin_step(self) -> None:
+        # The step count lives in the group (as TE's FusedAdam keeps it) and is mirrored in each
+        # param's state (as torch's AdamW keeps it), so Megatron's checkpointing finds it either way.
+        for group in self.param_groups:
+            if any(p.grad is not None for p in group["params"]):
+                group["step"] = int(group.get("step", 0)) + 1
+
     def direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
         g = p.grad
-        if len(state) == 0 or "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state.setdefault("exp_avg", torch.zeros_like(p))
-            state.setdefault("exp_avg_sq", torch.zeros_like(p))
-        state["step"] += 1
-        t = state["step"].item()
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        t = group["step"]
+        state["step"] = torch.tensor(float(t))
         b1, b2 = group["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(g, 1 - b1)

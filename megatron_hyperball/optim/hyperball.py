@@ -47,6 +47,25 @@ class HyperballOptimizer(torch.optim.Optimizer):
 
     name = "Hyperball"
 
+    @classmethod
+    def over_param_groups(cls, groups: list[dict], **kwargs: Any) -> "HyperballOptimizer":
+        """Build over param-group dicts that already exist, keeping the dicts themselves.
+
+        A distributed optimizer's fp32 shards are views of a flat buffer, which torch's
+        ``add_param_group`` refuses as non-leaf tensors; the wrapper that made them (Megatron's
+        ``DistributedOptimizer``) assigns ``param_groups`` directly, and so does this.
+        """
+        placeholder = torch.zeros(1, requires_grad=True)
+        kwargs.setdefault("prepare_spheres", False)
+        opt = cls([placeholder], **kwargs)
+        for i, group in enumerate(groups):
+            for key, value in opt.defaults.items():
+                group.setdefault(key, value)
+            opt._check_group(i, group)
+        opt.param_groups = groups
+        opt.state.clear()
+        return opt
+
     # -- options ---------------------------------------------------------------------------------
     def _check_group(self, i: int, group: dict) -> None:
         group["radius"] = sphere.check_radius(group["radius"])

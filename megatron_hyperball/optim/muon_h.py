@@ -63,6 +63,15 @@ class MuonH(HyperballOptimizer):
                 if not group["sphere"]:
                     raise ValueError(f"MuonH: param group {gi} has sphere=False; MuonH holds spheres only")
 
+    @torch.no_grad()
+    def _init_group(self, group: dict, skip_non_grad_params: bool = True) -> None:
+        """Create state for a group's params (Megatron's checkpoint init calls this)."""
+        for p in group["params"]:
+            if skip_non_grad_params and p.grad is None:
+                continue
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
     def momentum_direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
         g = p.grad
         if "momentum_buffer" not in state:

@@ -1,0 +1,79 @@
+"""MuonH inside Megatron: the pure MuonH step with Megatron's TP-aware Newton-Schulz.
+
+Megatron's ``TensorParallelMuon`` knows how to orthogonalize a TP-sharded matrix (all-gather the
+momentum along the partition dim, or a distributed NS) and how to split fused QKV. MuonH reuses
+exactly those methods for u = NS5(momentum); everything else is ``optim.MuonH``: the sphere
+step, batched over all matrices, with norms summed over TP by the layout the adapter installs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz_tp
+from emerging_optimizers.utils import fp32_matmul_precision
+from megatron.core.optimizer.emerging_optimizers import TensorParallelMuon, _get_qkv_split_shapes
+
+from megatron_hyperball.optim.muon_h import MuonH
+
+
+class TensorParallelMuonH(MuonH):
+    # Megatron's TP / fused-QKV aware orthogonalization, used as is.
+    orthogonalize_tp = TensorParallelMuon.orthogonalize
+    scaled_orthogonalize_fn_with_gtp_remat = TensorParallelMuon.scaled_orthogonalize_fn_with_gtp_remat
+
+    def __init__(
+        self,
+        params,
+        *,
+        pg_collection=None,
+        split_qkv: bool = True,
+        qkv_split_shapes=None,
+        tp_mode: str = "blockwise",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, **kwargs)
+        self.pg_collection = pg_collection
+        self.split_qkv = split_qkv
+        self.is_qkv_fn = lambda p: getattr(p, "is_qkv", False)
+        self.qkv_split_shapes = qkv_split_shapes
+        self.tp_mode = tp_mode
+        steps, coeff = self.ns_steps, self.coefficient_type
+        ns_tp_mode = "duplicated" if tp_mode == "blockwise" else tp_mode
+
+        # No Muon scale factor here: the sphere step normalizes u (exact) or applies the
+        # full-matrix shape factor itself (shape).
+        def scaled_orthogonalize_fn(grad, tp_group, partition_dim=None):
+            return newton_schulz_tp(grad, steps, coeff, tp_group, partition_dim, ns_tp_mode)
+
+        self.scaled_orthogonalize_fn = scaled_orthogonalize_fn
+
+    def orthogonalize(self, p, m):
+        # Megatron tags main params with the model param's TP attributes; fall back on the
+        # model param the adapter recorded when a wrapper made a fresh fp32 copy.
+        src = getattr(p, "_hyperball_model_param", p)
+        with fp32_matmul_precision(self.fp32_matmul_prec):
+            return self.orthogonalize_tp(src, m.float()).to(p.dtype)
+
+
+def config_to_kwargs(config, model_chunks, pg_collection) -> dict[str, Any]:
+    """OptimizerConfig -> TensorParallelMuonH kwargs (Megatron's muon_* knobs, hyperball_* knobs)."""
+    from megatron_hyperball.megatron.options import hyperball_options
+
+    hb = hyperball_options(config)
+    return dict(
+        lr=config.lr,
+        momentum=config.muon_momentum,
+        nesterov=config.muon_nesterov,
+        ns_steps=config.muon_num_ns_steps,
+        coefficient_type=config.muon_coefficient_type,
+        fp32_matmul_prec=config.muon_fp32_matmul_prec,
+        radius=hb.radius,
+        update_norm=hb.update_norm,
+        weight_decay=0.0,
+        prepare_spheres=False,  # the adapter checks and scales the full (TP-global) matrices
+        pg_collection=pg_collection,
+        split_qkv=config.muon_split_qkv,
+        qkv_split_shapes=_get_qkv_split_shapes(model_chunks[0].config),
+        tp_mode=config.muon_tp_mode,
+    )
