@@ -207,6 +207,28 @@ def _install_adamh(leaf, config, hb, sphere_set, pg_collection) -> None:
     )
 
 
+def _wrap_raw_layer_wise_members(opt, config) -> None:
+    """fp32 layer-wise: megatron-core 0.19.2 chains the raw torch optimizers unwrapped (it wraps
+    them only for bf16), and ChainedOptimizer then calls prepare_grads() on a torch optimizer.
+    Give them Megatron's FP32Optimizer wrapper, as the non-layer-wise fp32 path does."""
+    from megatron.core.optimizer import FP32Optimizer
+    from megatron.core.optimizer.emerging_optimizers import _eopt_init_state_fn
+
+    stack = [opt]
+    while stack:
+        node = stack.pop()
+        members = getattr(node, "chained_optimizers", None)
+        if members is None:
+            continue
+        for i, sub in enumerate(members):
+            if isinstance(sub, torch.optim.Optimizer):
+                wrapped = FP32Optimizer(sub, config, _eopt_init_state_fn)
+                wrapped.grad_stats_parallel_group = None
+                members[i] = wrapped
+            else:
+                stack.append(sub)
+
+
 def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True,
                            pg_collection=None, dump_param_to_param_group_map=None):
     """Megatron's ``get_megatron_optimizer``, plus 'adamh' / 'muonh' (aliases adam_hyperball,
@@ -243,6 +265,7 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         config, optimizer="dist_muonh" if config.optimizer.startswith("dist_") else "muonh")
     opt = original(muon_config, model_chunks, overrides, use_gloo_process_groups, pg_collection,
                    dump_param_to_param_group_map)
+    _wrap_raw_layer_wise_members(opt, muon_config)
     for leaf in leaf_optimizers(opt):
         inner = getattr(leaf, "optimizer", leaf)
         if isinstance(inner, TensorParallelMuonH):

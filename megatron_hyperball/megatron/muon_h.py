@@ -30,9 +30,13 @@ class TensorParallelMuonH(MuonH):
         split_qkv: bool = True,
         qkv_split_shapes=None,
         tp_mode: str = "blockwise",
+        megatron_config=None,
         **kwargs: Any,
     ) -> None:
         super().__init__(params, **kwargs)
+        # ChainedOptimizer asserts that its members share one config; Megatron's layer-wise
+        # optimizer chains this raw optimizer directly when not in bf16, so carry it.
+        self.config = megatron_config
         self.pg_collection = pg_collection
         self.split_qkv = split_qkv
         self.is_qkv_fn = lambda p: getattr(p, "is_qkv", False)
@@ -76,4 +80,5 @@ def config_to_kwargs(config, model_chunks, pg_collection) -> dict[str, Any]:
         split_qkv=config.muon_split_qkv,
         qkv_split_shapes=_get_qkv_split_shapes(model_chunks[0].config),
         tp_mode=config.muon_tp_mode,
+        megatron_config=config,
     )

@@ -21,9 +21,9 @@ def register() -> None:
         return
     import megatron.core.optimizer as mcore_optimizer
     from megatron.core.optimizer import emerging_optimizers as mcore_eopt
-    from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
-    from megatron_hyperball.megatron import factory, muon_h
+    from megatron_hyperball.megatron import factory, muon_h, routing
 
     factory._original_get_megatron_optimizer = mcore_optimizer.get_megatron_optimizer
     mcore_optimizer.get_megatron_optimizer = factory.get_megatron_optimizer
@@ -35,9 +35,10 @@ def register() -> None:
         optimizer_cls=muon_h.TensorParallelMuonH,
         init_state_fn=mcore_eopt._eopt_init_state_fn,
         config_to_kwargs=muon_h.config_to_kwargs,
+        # everything off the sphere takes Adam (the same rule as routing.is_sphere_param)
         default_param_overrides={
-            ParamKey(predicate=ParamPredicate(
-                name="nonlinear_or_embedding", fn=mcore_eopt._is_nonlinear_or_embedding)
+            ParamKey(with_name_predicate=ParamWithNamePredicate(
+                name="not_on_sphere", fn=lambda p, n: not routing.is_sphere_param(n, p))
             ): {"optimizer": "adam"}
         },
     )

@@ -2,6 +2,11 @@
 
 Every 2-D weight of attention, MLP, MoE experts and the router goes on a sphere; embeddings,
 norm gains and biases take plain Adam; the output layer only when asked (``output_layer=True``).
+
+The rule is Megatron's own Muon routing (``is_managed_by_layer_wise_optimizer``: 2-D and not
+tagged ``is_embedding_or_output_parameter``), so the sphere set, Megatron's layer-wise buffers
+and its Adam fallback always agree. Megatron tags word embeddings and the output layer; a
+learned position embedding is untagged, so ``tag_position_embeddings`` marks it for Adam.
 """
 
 from __future__ import annotations
@@ -20,9 +25,14 @@ def is_sphere_param(name: str, param: torch.nn.Parameter, *, output_layer: bool 
         return False
     if is_output_layer(name, param) and not getattr(param, "shared_embedding", False):
         return output_layer
-    if getattr(param, "is_embedding_or_output_parameter", False) or "embedding" in name:
-        return False
-    return True
+    return not getattr(param, "is_embedding_or_output_parameter", False)
+
+
+def tag_position_embeddings(model: torch.nn.Module) -> None:
+    """Mark learned position embeddings as embeddings (Adam, not the sphere); call before DDP."""
+    for name, p in model.named_parameters():
+        if name.endswith("position_embeddings.weight"):
+            p.is_embedding_or_output_parameter = True
 
 
 def named_params(model_chunks: Iterable[torch.nn.Module]) -> dict[torch.nn.Parameter, str]:

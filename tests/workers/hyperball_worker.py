@@ -20,12 +20,15 @@ import torch.distributed as dist
 
 def build(args):
     from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_hyperball.megatron.model import build_gpt, wrap_ddp
     from megatron_hyperball.megatron.options import HyperballOptimizerConfig
+    from megatron_hyperball.megatron.routing import tag_position_embeddings
 
     model = build_gpt(**SHAPE, bf16=args.bf16)
     load_full_weights(model, zero=args.zero_param)
+    tag_position_embeddings(model)
     ddp = wrap_ddp(model, use_distributed_optimizer=not args.no_dist_opt, layer_wise=args.layer_wise)
     config = HyperballOptimizerConfig(
         optimizer=args.optimizer,
@@ -47,7 +50,13 @@ def build(args):
         hyperball_update_norm=args.update_norm,
         loss_scale=args.loss_scale,
     )
-    return ddp, get_megatron_optimizer(config, [ddp])
+    optimizer = get_megatron_optimizer(config, [ddp])
+    # Megatron's scheduler sets each group's lr and weight decay (wd * wd_mult), as in training
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=args.lr, max_lr=args.lr, min_lr=args.lr, lr_warmup_steps=0,
+        lr_decay_steps=args.steps, lr_decay_style="constant", start_wd=config.weight_decay,
+        end_wd=config.weight_decay, wd_incr_steps=args.steps, wd_incr_style="constant")
+    return ddp, optimizer, scheduler
 
 
 def layout_stats(optimizer):
@@ -102,9 +111,10 @@ def main():
     args = ap.parse_args()
 
     setup(tp=args.tp)
-    ddp, optimizer = build(args)
+    ddp, optimizer, scheduler = build(args)
     result = {"ok": [], "losses": [], **layout_stats(optimizer)}
     for step in range(args.steps):
+        scheduler.step(increment=1)
         if args.scenario == "fed":
             result["ok"].append(fed_step(ddp, optimizer, step, nan=(step == args.nan_step)))
         else:
