@@ -11,7 +11,7 @@ import torch
 from megatron_hyperball.optim.newton_schulz import orthogonalize
 from tests.launch import torchrun
 from tests.reference import MuonHReference, adamw_reference_step
-from tests.test_megatron_adamh import LR, STEPS, WD, is_sphere, max_rel_err
+from tests.test_megatron_adamh import LR, STEPS, WD, by_optimizer, is_sphere, max_rel_err
 from tests.workers.synthetic import grad, initial
 
 
@@ -43,16 +43,16 @@ def fed_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("muonh")
     return {
         (dp, tp): torchrun("hyperball_worker.py", dp * tp, tmp / f"dp{dp}tp{tp}.json", "--scenario", "fed",
-                           "--optimizer", "muonh", "--layer-wise", "--steps", STEPS, "--lr", LR, "--tp", tp)
+                           "--optimizers", "muonh", "--layer-wise", "--steps", STEPS, "--lr", LR, "--tp", tp)
         for dp, tp in LAYOUTS
     }
 
 
 @pytest.mark.parametrize("dp,tp", LAYOUTS)
 def test_muonh_layer_wise_matches_reference(fed_runs, dp, tp):
-    run = fed_runs[(dp, tp)]
+    run = fed_runs[(dp, tp)]["muonh"]
     assert all(run["ok"])
-    params = run["tensors"]
+    params = by_optimizer(fed_runs[(dp, tp)]["tensors"], "muonh")
     ref = reference({n: tuple(t.shape) for n, t in params.items()})
     err, errs = max_rel_err(params, ref)
     # NS in fp32 of fp32 vs float64 momenta: agreement to fp32 rounding amplified by 5 NS steps
@@ -60,6 +60,6 @@ def test_muonh_layer_wise_matches_reference(fed_runs, dp, tp):
 
 
 def test_muonh_dp2_equals_dp1(fed_runs):
-    a, b = fed_runs[(1, 1)]["tensors"], fed_runs[(2, 1)]["tensors"]
+    a, b = (by_optimizer(fed_runs[k]["tensors"], "muonh") for k in [(1, 1), (2, 1)])
     err = max(((a[n] - b[n]).norm() / b[n].norm()).item() for n in a)
     assert err <= 1e-6

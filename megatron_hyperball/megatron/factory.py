@@ -207,6 +207,18 @@ def _install_adamh(leaf, config, hb, sphere_set, pg_collection) -> None:
     )
 
 
+def _check_known_name(name: str) -> None:
+    """An optimizer name neither Megatron nor this plugin knows: say which names exist."""
+    from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS
+
+    known = {"adam", "sgd", *_EMERGING_OPTIMIZERS, *OPTIMIZERS}
+    if name not in known and name.removeprefix("dist_") not in _EMERGING_OPTIMIZERS:
+        raise ValueError(
+            f"OptimizerConfig.optimizer={name!r} is not a known optimizer; allowed: "
+            f"{', '.join(sorted(known))}"
+        )
+
+
 def _wrap_raw_layer_wise_members(opt, config) -> None:
     """fp32 layer-wise: megatron-core 0.19.2 chains the raw torch optimizers unwrapped (it wraps
     them only for bf16), and ChainedOptimizer then calls prepare_grads() on a torch optimizer.
@@ -236,6 +248,7 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
     original = _original_get_megatron_optimizer
     name = hyperball_name(config.optimizer.removeprefix("dist_"))
     if name is None:
+        _check_known_name(config.optimizer)
         return original(config, model_chunks, config_overrides, use_gloo_process_groups,
                         pg_collection, dump_param_to_param_group_map)
     hb = hyperball_options(config)

@@ -1,15 +1,18 @@
 """Megatron GPT + DDP + (hyperball) optimizer on CPU/gloo, for the adapter tests.
 
-Usage (under torchrun): hyperball_worker.py OUT.json --scenario fed|e2e [options]
+Usage (under torchrun): hyperball_worker.py OUT.json --scenario fed|e2e|bad [options]
 
 fed: every rank writes the same synthetic full gradient (sliced to its TP shard) into the DDP
      grad buffers and calls optimizer.step(): the optimizer alone, any DP/TP layout.
 e2e: forward + backward + Megatron's grad sync + step on a fixed global batch.
+bad: each invalid input in BAD_CASES; records the error each one raised.
 Weights start from synthetic full tensors (tests/workers/synthetic.py), identical for every
-layout, so TP=1 and TP=2 runs start equal. Rank 0 writes the full fp32 params (OUT.json.pt).
+layout, so TP=1 and TP=2 runs start equal. ``--optimizers a,b`` runs each from the same start
+in one launch. Rank 0 writes the full fp32 params as 'OPT/NAME' (OUT.json.pt).
 """
 
 import argparse
+import collections
 
 from common import full_params, setup, teardown, token_batch, train_step, write_result
 from synthetic import SHAPE, full_grad, load_full_weights, local_slice
@@ -18,20 +21,21 @@ import torch
 import torch.distributed as dist
 
 
-def build(args):
+def build(args, optimizer_name, **config_changes):
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megatron_hyperball.megatron.model import build_gpt, wrap_ddp
+    from megatron_hyperball.megatron.model import build_gpt, seed_all, wrap_ddp
     from megatron_hyperball.megatron.options import HyperballOptimizerConfig
     from megatron_hyperball.megatron.routing import tag_position_embeddings
 
+    seed_all(1234)
     model = build_gpt(**SHAPE, bf16=args.bf16)
     load_full_weights(model, zero=args.zero_param)
     tag_position_embeddings(model)
     ddp = wrap_ddp(model, use_distributed_optimizer=not args.no_dist_opt, layer_wise=args.layer_wise)
-    config = HyperballOptimizerConfig(
-        optimizer=args.optimizer,
+    fields = dict(
+        optimizer=optimizer_name,
         lr=args.lr,
         weight_decay=0.1,
         adam_beta1=0.9,
@@ -50,7 +54,10 @@ def build(args):
         hyperball_update_norm=args.update_norm,
         loss_scale=args.loss_scale,
     )
-    optimizer = get_megatron_optimizer(config, [ddp])
+    overrides = config_changes.pop("config_overrides", None)
+    fields.update(config_changes)
+    config = HyperballOptimizerConfig(**fields)
+    optimizer = get_megatron_optimizer(config, [ddp], config_overrides=overrides)
     # Megatron's scheduler sets each group's lr and weight decay (wd * wd_mult), as in training
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr, max_lr=args.lr, min_lr=args.lr, lr_warmup_steps=0,
@@ -64,8 +71,7 @@ def layout_stats(optimizer):
 
     total, local = 0, 0
     for leaf in leaf_optimizers(optimizer):
-        inner = getattr(leaf, "optimizer", leaf)
-        layout = getattr(inner, "_layout", None)
+        layout = getattr(getattr(leaf, "optimizer", leaf), "_layout", None)
         if layout is not None:
             total += layout.num_spheres
             local += len(layout.index)
@@ -90,11 +96,78 @@ def fed_step(ddp, optimizer, step, nan=False):
     return bool(ok)
 
 
+class AllReduceCounter:
+    """Counts torch.distributed.all_reduce calls by the ranks of their group, while active."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+        self.active = False
+        self._orig = dist.all_reduce
+
+        def counting(tensor, *a, **kw):
+            if self.active:
+                group = kw.get("group", a[1] if len(a) > 1 else None)
+                self.counts[str(dist.get_process_group_ranks(group) if group is not None else "world")] += 1
+            return self._orig(tensor, *a, **kw)
+
+        dist.all_reduce = counting
+
+
+def run_training(args, name, counter):
+    ddp, optimizer, scheduler = build(args, name)
+    out = {"ok": [], "losses": [], **layout_stats(optimizer)}
+    for step in range(args.steps):
+        if step == args.skip_step:
+            continue
+        scheduler.step(increment=1)
+        counter.active = step == args.steps - 1  # count the collectives of one full step
+        if args.scenario == "fed":
+            out["ok"].append(fed_step(ddp, optimizer, step, nan=(step == args.nan_step)))
+        else:
+            tokens, labels = token_batch(step, args.global_batch, SHAPE["seq_length"], SHAPE["vocab_size"])
+            res = train_step(ddp, optimizer, tokens, labels)
+            out["ok"].append(res["ok"])
+            out["losses"].append(res["loss"])
+        counter.active = False
+    # counts of this rank, keyed by group: the test compares optimizers on the same layout
+    out["all_reduce_counts"] = dict(counter.counts)
+    counter.counts.clear()
+    counts = torch.tensor([out["local_spheres"]], dtype=torch.float64)
+    dist.all_reduce(counts, op=dist.ReduceOp.MIN)
+    out["min_local_spheres"] = counts.item()
+    return out, full_params(ddp)
+
+
+def bad_cases(args):
+    """Each invalid input: the error it raised (type and message), or None if it raised none."""
+    from megatron.core.optimizer import ParamKey
+
+    cases = {
+        "typo": dict(name="adamhh"),
+        "radius": dict(name="adamh", hyperball_radius="unit"),
+        "update_norm": dict(name="muonh", hyperball_update_norm="rms", use_layer_wise_distributed_optimizer=True),
+        "weight_decay": dict(name="adamh", config_overrides={ParamKey(name="*linear_fc1.weight"): {"wd_mult": 1.0}}),
+        "muonh_on_zero1": dict(name="muonh"),
+    }
+    if args.zero_param:
+        cases = {"zero_norm": dict(name="adamh")}
+    found = {}
+    for case, changes in cases.items():
+        changes = dict(changes)
+        name = changes.pop("name")
+        try:
+            build(args, name, **changes)
+            found[case] = None
+        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+            found[case] = f"{type(e).__name__}: {e}"
+    return found
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--scenario", default="fed", choices=["fed", "e2e"])
-    ap.add_argument("--optimizer", default="adamh")
+    ap.add_argument("--scenario", default="fed", choices=["fed", "e2e", "bad"])
+    ap.add_argument("--optimizers", default="adamh")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.02)
@@ -106,27 +179,22 @@ def main():
     ap.add_argument("--no-dist-opt", action="store_true")
     ap.add_argument("--loss-scale", type=float, default=None)
     ap.add_argument("--nan-step", type=int, default=-1, help="fed: put a NaN in one grad at this step")
+    ap.add_argument("--skip-step", type=int, default=-1, help="leave this step index out entirely")
     ap.add_argument("--zero-param", default=None, help="zero this param before building the optimizer")
     ap.add_argument("--global-batch", type=int, default=4)
     args = ap.parse_args()
 
     setup(tp=args.tp)
-    ddp, optimizer, scheduler = build(args)
-    result = {"ok": [], "losses": [], **layout_stats(optimizer)}
-    for step in range(args.steps):
-        scheduler.step(increment=1)
-        if args.scenario == "fed":
-            result["ok"].append(fed_step(ddp, optimizer, step, nan=(step == args.nan_step)))
-        else:
-            tokens, labels = token_batch(step, args.global_batch, SHAPE["seq_length"], SHAPE["vocab_size"])
-            out = train_step(ddp, optimizer, tokens, labels)
-            result["ok"].append(out["ok"])
-            result["losses"].append(out["loss"])
-    counts = torch.tensor([result["spheres"], result["local_spheres"]], dtype=torch.float64)
-    mins = counts.clone()
-    dist.all_reduce(mins, op=dist.ReduceOp.MIN)
-    result["min_local_spheres"] = mins[1].item()
-    write_result(args.out, result, tensors=full_params(ddp))
+    counter = AllReduceCounter()
+    if args.scenario == "bad":
+        write_result(args.out, {"errors": bad_cases(args)})
+        teardown()
+        return
+    result, tensors = {}, {}
+    for name in args.optimizers.split(","):
+        result[name], params = run_training(args, name, counter)
+        tensors.update({f"{name}/{k}": v for k, v in params.items()})
+    write_result(args.out, result, tensors=tensors)
     teardown()
 
 
