@@ -71,3 +71,17 @@ def test_bad_input_raises_before_any_step(tmp_path):
                     "--zero-param", "decoder.layers.1.self_attention.linear_proj.weight")["errors"]
     assert "decoder.layers.1.self_attention.linear_proj.weight" in zero["zero_norm"]
     assert "Frobenius norm 0.0" in zero["zero_norm"]
+
+
+@pytest.mark.parametrize("optimizer,extra", [("adamh", ("--bf16",)), ("muonh", ("--layer-wise", "--bf16"))])
+def test_checkpoint_resume_is_bitwise(tmp_path, optimizer, extra):
+    """Train 2 steps, save with Megatron's torch_dist checkpointing, train 2 more; a new process
+    loads and trains the same 2: identical losses and parameters, bitwise."""
+    common = ("--scenario", "ckpt", "--optimizers", optimizer, "--steps", 4, "--resume-at", 2,
+              "--ckpt-dir", tmp_path / "ckpt", *extra)
+    saved = torchrun("hyperball_worker.py", 2, tmp_path / "save.json", *common, "--phase", "save")
+    resumed = torchrun("hyperball_worker.py", 2, tmp_path / "load.json", *common, "--phase", "load")
+    assert resumed[optimizer]["losses_after"] == saved[optimizer]["losses_after"]
+    a, b = saved["tensors"], resumed["tensors"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

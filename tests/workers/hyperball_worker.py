@@ -138,6 +138,61 @@ def run_training(args, name, counter):
     return out, full_params(ddp)
 
 
+def checkpoint_run(args, name):
+    """Train steps [0, resume_at), save (torch_dist) ... or load, then train [resume_at, steps)."""
+    import os
+
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_load_sharded_strategy,
+        get_default_save_sharded_strategy,
+    )
+
+    from megatron_hyperball.megatron.model import unwrap
+
+    ddp, optimizer, scheduler = build(args, name)
+    metadata = {  # what megatron.training passes for a torch_dist checkpoint
+        "distrib_optim_sharding_type": "dp_reshardable",
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
+    }
+
+    def state(is_loading):
+        sd = {"model": unwrap(ddp).sharded_state_dict(metadata=metadata)}
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
+        return sd
+
+    def train(steps):
+        losses = []
+        for step in steps:
+            scheduler.step(increment=1)
+            tokens, labels = token_batch(step, args.global_batch, SHAPE["seq_length"], SHAPE["vocab_size"])
+            losses.append(train_step(ddp, optimizer, tokens, labels)["loss"])
+        return losses
+
+    out = {}
+    if args.phase == "load":
+        with torch.no_grad():  # start elsewhere, so a load that missed something shows
+            for p in ddp.parameters():
+                p.mul_(1.5)
+        loaded = dist_checkpointing.load(state(True), args.ckpt_dir,
+                                         sharded_strategy=get_default_load_sharded_strategy(args.ckpt_dir))
+        unwrap(ddp).load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.num_steps = args.resume_at
+    else:
+        out["losses_before"] = train(range(args.resume_at))
+        if args.phase == "save":
+            if dist.get_rank() == 0:
+                os.makedirs(args.ckpt_dir, exist_ok=True)
+            dist.barrier()
+            dist_checkpointing.save(state(False), args.ckpt_dir,
+                                    sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+    out["losses_after"] = train(range(args.resume_at, args.steps))
+    return out, full_params(ddp)
+
+
 def bad_cases(args):
     """Each invalid input: the error it raised (type and message), or None if it raised none."""
     from megatron.core.optimizer import ParamKey
@@ -166,7 +221,11 @@ def bad_cases(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--scenario", default="fed", choices=["fed", "e2e", "bad"])
+    ap.add_argument("--scenario", default="fed", choices=["fed", "e2e", "bad", "ckpt"])
+    ap.add_argument("--phase", default="straight", choices=["straight", "save", "load"],
+                    help="ckpt: straight through, train+save+continue, or load+continue")
+    ap.add_argument("--ckpt-dir", default=None)
+    ap.add_argument("--resume-at", type=int, default=2)
     ap.add_argument("--optimizers", default="adamh")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tp", type=int, default=1)
@@ -192,7 +251,10 @@ def main():
         return
     result, tensors = {}, {}
     for name in args.optimizers.split(","):
-        result[name], params = run_training(args, name, counter)
+        if args.scenario == "ckpt":
+            result[name], params = checkpoint_run(args, name)
+        else:
+            result[name], params = run_training(args, name, counter)
         tensors.update({f"{name}/{k}": v for k, v in params.items()})
     write_result(args.out, result, tensors=tensors)
     teardown()
