@@ -1,0 +1,142 @@
+"""Step-time benchmark: Megatron's Adam vs AdamH, Megatron's Muon vs MuonH, same process, same run.
+
+    python benchmarks/step_time.py --preset tiny            # CPU (gloo + compat layer), 1 rank
+    python benchmarks/step_time.py --preset 218m --device cuda   # one GPU (nccl), bf16
+
+For each optimizer it builds a fresh Megatron GPTModel (local spec) + DDP + optimizer through
+``get_megatron_optimizer``, runs warm-up steps, then times ``optimizer.step()`` and the whole
+training step (forward, backward, grad sync, step) over the timed steps, and prints a table of
+medians and the ratio of each hyperball optimizer to its Megatron base. Adam pairs run on the
+ZeRO-1 DistributedOptimizer, Muon pairs on Megatron's layer-wise optimizer (bf16, as Megatron
+supports it). Nothing is asserted: it prints numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+PRESETS = {
+    # tiny enough for 2 CPU cores
+    "tiny": dict(num_layers=4, hidden_size=256, num_attention_heads=4, seq_length=128, micro_batch=4,
+                 vocab_size=1024),
+    # the issue's GPU config: 218M params
+    "218m": dict(num_layers=12, hidden_size=1024, num_attention_heads=16, seq_length=1024, micro_batch=8,
+                 vocab_size=50304),
+}
+PAIRS = [("adam", "adamh"), ("muon", "muonh")]
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_one(name, preset, args):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_hyperball.megatron.model import build_gpt, seed_all, wrap_ddp
+    from megatron_hyperball.megatron.routing import tag_position_embeddings
+
+    muon = "muon" in name
+    bf16 = args.bf16 or muon
+    seed_all(1234)
+    model = build_gpt(preset["num_layers"], preset["hidden_size"], preset["num_attention_heads"],
+                      preset["vocab_size"], preset["seq_length"], bf16=bf16,
+                      position_embedding_type="rope")
+    if args.device == "cuda":
+        model.cuda()
+    tag_position_embeddings(model)
+    ddp = wrap_ddp(model, use_distributed_optimizer=True, layer_wise=muon)
+    config = OptimizerConfig(
+        optimizer=name, lr=1e-3, weight_decay=0.0 if name.endswith("h") else 0.1, clip_grad=1.0,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=True, use_layer_wise_distributed_optimizer=muon,
+        muon_nesterov=True,
+    )
+    optimizer = get_megatron_optimizer(config, [ddp])
+    device = args.device
+    gen = torch.Generator().manual_seed(0)
+    mb, seq, vocab = preset["micro_batch"], preset["seq_length"], preset["vocab_size"]
+    tokens = torch.randint(0, vocab, (mb, seq + 1), generator=gen)
+    tokens = tokens.to("cuda") if device == "cuda" else tokens
+    inp, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    pos = torch.arange(seq, device=inp.device).unsqueeze(0).expand_as(inp)
+
+    opt_times, step_times = [], []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = ddp(inp, pos, None, labels=labels).float().mean()
+        loss.backward()
+        ddp.finish_grad_sync()
+        sync(device)
+        t1 = time.perf_counter()
+        optimizer.step()
+        sync(device)
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            opt_times.append(t2 - t1)
+            step_times.append(t2 - t0)
+    del optimizer, ddp, model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(opt_times) * 1e3, statistics.median(step_times) * 1e3, loss.item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--bf16", action="store_true", help="bf16 for the Adam pair too (Muon pairs always bf16)")
+    args = ap.parse_args()
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", world_size=1, rank=0)
+    if args.device == "cuda":
+        torch.cuda.set_device(0)
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        from megatron_hyperball.compat import enable_cpu
+
+        enable_cpu()
+    import megatron_hyperball  # noqa: F401  registers adamh / muonh
+    from megatron_hyperball.compat import backends
+    from megatron_hyperball.megatron.model import init_parallel
+
+    init_parallel()
+    preset = PRESETS[args.preset]
+    dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {dev}; torch {torch.__version__}; preset {args.preset} {preset}; "
+          f"backends {backends()}; {args.steps} timed steps after {args.warmup} warm-up, medians")
+    rows = {}
+    for base, hyper in PAIRS:
+        for name in (base, hyper):
+            rows[name] = bench_one(name, preset, args)
+    print(f"| optimizer | opt step ms | full step ms | opt step ratio | full step ratio |")
+    print(f"|---|---:|---:|---:|---:|")
+    for base, hyper in PAIRS:
+        b, h = rows[base], rows[hyper]
+        print(f"| {base} (Megatron) | {b[0]:.2f} | {b[1]:.2f} | 1.00 | 1.00 |")
+        print(f"| {hyper} | {h[0]:.2f} | {h[1]:.2f} | {h[0] / b[0]:.2f} | {h[1] / b[1]:.3f} |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
