@@ -83,8 +83,14 @@ def test_exact_mode_chord_matches_lr(cls):
     kwargs = {"fp32_matmul_prec": "highest"} if cls is MuonH else {}
     opt = cls([w], lr=lr, **kwargs)
     directions = []
-    orig = opt.direction
-    opt.direction = lambda p, g, s: directions.append(orig(p, g, s).clone()) or directions[-1].clone()
+    orig = opt.directions
+
+    def recording(params, group):
+        us = orig(params, group)
+        directions.append(us[0].clone())
+        return us
+
+    opt.directions = recording
     for g in _grads(w.shape, STEPS, 4):
         w0 = w.detach().double().clone()
         w.grad = g

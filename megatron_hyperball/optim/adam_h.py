@@ -54,19 +54,30 @@ class AdamH(HyperballOptimizer):
             if any(p.grad is not None for p in group["params"]):
                 group["step"] = int(group.get("step", 0)) + 1
 
-    def direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
-        g = p.grad
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+    def directions(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         t = group["step"]
-        state["step"] = torch.tensor(float(t))
+        step = torch.tensor(float(t))
+        ms, vs, gs = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] = step
+            ms.append(state["exp_avg"])
+            vs.append(state["exp_avg_sq"])
+            gs.append(p.grad)
         b1, b2 = group["betas"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
-        return (m / (1 - b1**t)).div_(denom)
+        # multi-tensor kernels: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; u = m_hat/(sqrt(v_hat)+eps)
+        torch._foreach_lerp_(ms, gs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+        denom = torch._foreach_div(vs, 1 - b2**t)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        us = torch._foreach_div(ms, 1 - b1**t)
+        torch._foreach_div_(us, denom)
+        return us
 
     def shape_scale(self, shape: tuple[int, int]) -> float:
         return 1.0  # Adam's update as is (DESIGN.md §2, update-norm 'shape')

@@ -116,20 +116,24 @@ class HyperballOptimizer(torch.optim.Optimizer):
                 if r is not None:
                     p.mul_(r / norm)
 
-    # -- the step --------------------------------------------------------------------------------
+    # -- the step ---------------------------------------------------------------------------------
     def direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
         """The base optimizer's update u for p (a fresh tensor the step may overwrite)."""
         raise NotImplementedError
+
+    def directions(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """u for each param of a group; subclasses may batch this (multi-tensor kernels)."""
+        return [self.direction(p, group, self.state[p]) for p in params]
 
     def shape_scale(self, shape: tuple[int, int]) -> float:
         """The factor s of update-norm mode 'shape' for a full matrix of this shape."""
         raise NotImplementedError
 
-    def plain_update_(self, p: torch.Tensor, u: torch.Tensor, group: dict) -> None:
-        """Non-sphere groups: decoupled weight decay, then p -= lr * u."""
+    def plain_update_(self, params: list[torch.Tensor], updates: list[torch.Tensor], group: dict) -> None:
+        """Non-sphere params: decoupled weight decay, then p -= lr * u."""
         if group["weight_decay"] != 0:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(u, alpha=-group["lr"])
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
 
     def begin_step(self) -> None:
         """Hook before any direction is computed (e.g. step counters)."""
@@ -148,13 +152,16 @@ class HyperballOptimizer(torch.optim.Optimizer):
         radius = torch.full((n,), float("nan"), dtype=torch.float64)
         scale = torch.full((n,), float("nan"), dtype=torch.float64)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                u = self.direction(p, group, self.state[p])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            us = self.directions(params, group)
+            plain_p, plain_u = [], []
+            for p, u in zip(params, us):
                 k = layout.sphere_of(p) if group["sphere"] else None
                 if k is None:
-                    self.plain_update_(p, u, group)
+                    plain_p.append(p)
+                    plain_u.append(u)
                     continue
                 shape = layout.shapes[k]
                 weights.append(p)
@@ -166,6 +173,8 @@ class HyperballOptimizer(torch.optim.Optimizer):
                     radius[k] = r
                 if group["update_norm"] == "shape":
                     scale[k] = self.shape_scale(shape)
+            if plain_p:
+                self.plain_update_(plain_p, plain_u, group)
         if n == 0:
             return loss
         # every rank of a sphere group must take part in the reduction, even with no local slice

@@ -87,7 +87,9 @@ class MuonH(HyperballOptimizer):
         ).to(p.dtype)
 
     def direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
-        return self.orthogonalize(p, self.momentum_direction(p, group, state))
+        # NS returns a transposed view for tall matrices; one copy here keeps the sphere
+        # reductions and the update on contiguous memory
+        return self.orthogonalize(p, self.momentum_direction(p, group, state)).contiguous()
 
     def shape_scale(self, shape: tuple[int, int]) -> float:
         m, n = shape

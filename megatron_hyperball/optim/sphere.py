@@ -115,14 +115,12 @@ def sphere_partials(
     partials = torch.zeros(layout.num_spheres, 3, dtype=torch.float32, device=device)
     if not weights:
         return partials
-    w_flat = [w.reshape(-1).float() for w in weights]
-    u_flat = [u.reshape(-1).float() for u in updates]
-    rows = torch.stack(
-        [
-            torch.stack([torch.dot(w, w), torch.dot(w, u), torch.dot(u, u)])
-            for w, u in zip(w_flat, u_flat)
-        ]
-    )
+    w32 = [w.float() for w in weights]
+    u32 = [u.float() for u in updates]
+    w_sq = torch.stack(torch._foreach_norm(w32)).square()
+    u_sq = torch.stack(torch._foreach_norm(u32)).square()
+    wu = torch.stack([torch.dot(w.reshape(-1), u.reshape(-1)) for w, u in zip(w32, u32)])
+    rows = torch.stack([w_sq, wu, u_sq], dim=1)
     idx = torch.tensor([layout.sphere_of(w) for w in weights], device=device)
     partials.index_add_(0, idx, rows)
     return partials
@@ -159,11 +157,12 @@ def apply_hyperball_(
     a: torch.Tensor,
     b: torch.Tensor,
 ) -> None:
-    """W <- a[k] W - b[k] u for each local tensor of sphere k, in place (u is scratch: overwritten)."""
+    """W <- a[k] W - b[k] u for each local tensor of sphere k, in place."""
     if not weights:
         return
-    # one host sync per step for all spheres, then multi-tensor kernels
+    # one host sync per step for all spheres; then one multi-tensor scale and one fused
+    # multiply-add per tensor (alpha must be a number, so it cannot be a single foreach call)
     a_loc, b_loc = torch.stack([a, b])[:, list(sphere_ids)].tolist()
     torch._foreach_mul_(list(weights), a_loc)
-    torch._foreach_mul_(list(updates), b_loc)
-    torch._foreach_sub_(list(weights), list(updates))
+    for w, u, bi in zip(weights, updates, b_loc):
+        w.add_(u, alpha=-bi)
