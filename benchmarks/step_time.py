@@ -66,6 +66,9 @@ def bench_one(name, preset, args):
         muon_nesterov=True,
     )
     optimizer = get_megatron_optimizer(config, [ddp])
+    from megatron_hyperball.megatron.factory import describe
+
+    print(f"# {name}: " + "; ".join(describe(optimizer)))
     device = args.device
     gen = torch.Generator().manual_seed(0)
     mb, seq, vocab = preset["micro_batch"], preset["seq_length"], preset["vocab_size"]

@@ -63,6 +63,7 @@ def fed_runs(tmp_path_factory):
 def test_adamh_zero1_matches_float64_reference(fed_runs, dp, tp):
     run = fed_runs[(dp, tp)]["adamh"]
     assert all(run["ok"])
+    assert run["describe"] == ["DistributedOptimizer > AdamH (torch multi-tensor)"]
     params = by_optimizer(fed_runs[(dp, tp)]["tensors"], "adamh")
     ref = reference({n: tuple(t.shape) for n, t in params.items()})
     err, errs = max_rel_err(params, ref)

@@ -207,6 +207,18 @@ def _install_adamh(leaf, config, hb, sphere_set, pg_collection) -> None:
     )
 
 
+def describe(opt) -> list[str]:
+    """Which wrapper and which kernel each part of a built optimizer runs, e.g.
+    'DistributedOptimizer > AdamH (torch multi-tensor)' or '... > FusedAdam (transformer_engine)'."""
+    lines = []
+    for leaf in leaf_optimizers(opt):
+        inner = getattr(leaf, "optimizer", leaf)
+        module = type(inner).__module__.split(".")[0]
+        kernel = "torch multi-tensor" if module in ("megatron_hyperball", "torch") else module
+        lines.append(f"{type(leaf).__name__} > {type(inner).__name__} ({kernel})")
+    return lines
+
+
 def _check_known_name(name: str) -> None:
     """An optimizer name neither Megatron nor this plugin knows: say which names exist."""
     from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS

@@ -114,8 +114,10 @@ class AllReduceCounter:
 
 
 def run_training(args, name, counter):
+    from megatron_hyperball.megatron.factory import describe
+
     ddp, optimizer, scheduler = build(args, name)
-    out = {"ok": [], "losses": [], **layout_stats(optimizer)}
+    out = {"ok": [], "losses": [], "describe": describe(optimizer), **layout_stats(optimizer)}
     for step in range(args.steps):
         if step == args.skip_step:
             continue
