@@ -1,0 +1,158 @@
+"""Reading a config: YAML file + command-line overrides -> validated :class:`HyperballConfig`.
+
+Overrides (any key, any depth), parsed with YAML value semantics and validated like the file:
+
+    --set optimizer.lr=0.01 --set model.moe.topk=4      # --set takes one or more KEY=VALUE
+    optimizer.lr=0.01 schedule.train_iters=200           # bare KEY=VALUE arguments work too
+    optimizer.lr_law=null                                # null / ~ / empty value: None (removes a block)
+    optimizer.betas=[0.9,0.99]   data.data_path=/d/a     # flow YAML: lists, maps, strings
+
+A later override of the same key wins; a dotted key creates missing sections on the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import yaml
+
+from megatron_hyperball.config.schema import ConfigError, HyperballConfig, validate_config
+
+__all__ = [
+    "RESOLVED_CONFIG_NAME", "read_yaml", "parse_override", "parse_overrides", "apply_overrides",
+    "load_config", "add_config_arguments", "config_from_argv", "resolved_config_yaml", "save_resolved_config",
+]
+
+RESOLVED_CONFIG_NAME = "hyperball_config.yaml"
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+=")
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([("", f"cannot read config file: {e}")], str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([("", f"not valid YAML: {e}")], str(path)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([("", f"the top level must be a mapping of sections, got {type(raw).__name__}")],
+                          str(path))
+    return raw
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'optimizer.lr=0.01' -> ('optimizer.lr', 0.01) (the value read as YAML)."""
+    if "=" not in item:
+        raise ConfigError([("", f"override {item!r} is not KEY=VALUE (e.g. optimizer.lr=0.01)")])
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not _KEY.match(key):
+        raise ConfigError([("", f"override {item!r}: {key!r} is not a dotted key path (e.g. optimizer.lr)")])
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError([(key, f"override value {text!r} is not valid YAML: {e}")]) from None
+    return key, value
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    return [parse_override(i) for i in items]
+
+
+def apply_overrides(raw: dict, overrides: Iterable[tuple[str, Any] | str]) -> dict:
+    """A deep copy of ``raw`` with each (key path, value) set; strings are parsed first."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError([(key, f"cannot set a key inside {where!r}, which is "
+                                         f"{type(nxt).__name__} {nxt!r}, not a section")])
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[tuple[str, Any] | str] = (),
+                raw: Optional[dict] = None) -> HyperballConfig:
+    """Read ``path`` (or take ``raw``), apply ``overrides``, validate. Raises ConfigError."""
+    if (path is None) == (raw is None):
+        raise ValueError("load_config: give exactly one of path and raw")
+    source = str(path) if path is not None else None
+    data = read_yaml(path) if path is not None else raw
+    data = apply_overrides(data, overrides)
+    return validate_config(data, source)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--config PATH and --set KEY=VALUE [KEY=VALUE ...] (repeatable)."""
+    group = parser.add_argument_group("hyperball config")
+    group.add_argument("--config", required=True, help="YAML config file")
+    group.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set optimizer.lr=0.01 (YAML values)")
+    return parser
+
+
+def config_from_argv(argv: Sequence[str]) -> tuple[HyperballConfig, list[str]]:
+    """Parse ``--config PATH [--set K=V ...] [K=V ...]``; returns (config, unrecognised args).
+
+    Bare ``section.key=value`` arguments are overrides too; anything else is returned untouched
+    (e.g. extra Megatron flags for the entry script to pass through).
+    """
+    parser = add_config_arguments(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
+    args, rest = parser.parse_known_args(list(argv))
+    items = [i for group in args.overrides for i in group]
+    remaining = []
+    for token in rest:
+        (items if _BARE.match(token) else remaining).append(token)
+    return load_config(args.config, items), remaining
+
+
+def resolved_config_yaml(cfg: HyperballConfig, megatron_args: Optional[Sequence[str]] = None) -> str:
+    """The validated config as YAML (defaults filled, names canonical), headed by comments with the
+    resolved lr, Depth-muP alpha and (if given) the Megatron arguments. Loading it back gives the
+    same config."""
+    alpha = cfg.block_output_alpha()
+    header = [
+        "# megatron-hyperball resolved config (load with megatron_hyperball.config.load_config)",
+        f"# {cfg.lr_summary()}",
+        f"# block_output_scale: {cfg.hyperp.block_output_scale} -> alpha = "
+        + ("off" if alpha is None else f"{alpha:.9g}"),
+    ]
+    if megatron_args:
+        header.append("# megatron args: " + " ".join(str(a) for a in megatron_args))
+    body = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+    return "\n".join(header) + "\n" + body
+
+
+def save_resolved_config(cfg: HyperballConfig, directory: str | os.PathLike, *,
+                         megatron_args: Optional[Sequence[str]] = None,
+                         filename: str = RESOLVED_CONFIG_NAME) -> Path:
+    """Write :func:`resolved_config_yaml` to ``directory/filename`` (atomically); returns the path.
+
+    Meant for the checkpoint folder (``checkpoint.save``), next to Megatron's iteration folders.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / filename
+    tmp = directory / (filename + ".tmp")
+    tmp.write_text(resolved_config_yaml(cfg, megatron_args))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,351 @@
+"""The YAML schema: validation errors, overrides, Megatron arguments, resolved config."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from megatron_hyperball.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_argv,
+    hyperball_optimizer_fields,
+    load_config,
+    parse_override,
+    resolved_config_yaml,
+    save_resolved_config,
+    to_megatron_args,
+    wandb_environment,
+)
+from tests.launch import WORKERS
+
+BASE = {
+    "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32},
+    "optimizer": {"name": "adamh", "lr": 0.02},
+    "schedule": {"train_iters": 10, "global_batch_size": 8, "micro_batch_size": 2},
+}
+
+
+def cfg_of(*overrides, base=BASE):
+    return load_config(raw=base, overrides=list(overrides))
+
+
+def error_of(*overrides, base=BASE) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        cfg_of(*overrides, base=base)
+    return info.value
+
+
+def flags(argv):
+    """--flag value pairs (flags without a value map to True)."""
+    out, i = {}, 0
+    while i < len(argv):
+        key = argv[i]
+        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            vals = []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                vals.append(argv[i])
+                i += 1
+            out[key] = vals[0] if len(vals) == 1 else vals
+        else:
+            out[key] = True
+            i += 1
+    return out
+
+
+# -- valid configs ------------------------------------------------------------------------------------
+def test_minimal_config_defaults():
+    cfg = cfg_of()
+    assert cfg.optimizer.name == "adamh"
+    assert cfg.resolved_lr() == 0.02
+    assert cfg.resolved_min_lr() == pytest.approx(0.002, rel=0, abs=1e-18)  # linear decay to 0.1 lr
+    assert cfg.schedule.warmup_iters == 0                                    # HyperP: no warmup
+    assert cfg.hyperp.block_output_scale == "1/sqrt(2L)"
+    assert cfg.block_output_alpha() == 1 / math.sqrt(4)                      # 1/sqrt(2 * 2)
+    assert cfg.model.resolved_ffn_hidden_size() == 128                       # int(4*64*2/3/64)*64
+    assert cfg.parallelism.data_parallel_size(4) == 4
+    assert cfg.data.data_path == "embedded"
+
+
+@pytest.mark.parametrize("given,canonical", [
+    ("adam", "adamw"), ("AdamW", "adamw"), ("adam_hyperball", "adamh"), ("MuonH", "muonh"),
+    ("muon_hyperball", "muonh"), ("muon", "muon"),
+])
+def test_optimizer_aliases(given, canonical):
+    assert cfg_of(f"optimizer.name={given}").optimizer.name == canonical
+
+
+def test_block_output_scale_values():
+    assert cfg_of("hyperp.block_output_scale=1/L", "model.num_layers=4").block_output_alpha() == 0.25
+    assert cfg_of("hyperp.block_output_scale=0.3").block_output_alpha() == 0.3
+    assert cfg_of("hyperp.block_output_scale=none").block_output_alpha() is None
+    assert cfg_of("hyperp.block_output_scale=null").block_output_alpha() is None
+
+
+# -- errors: key path and allowed values --------------------------------------------------------------
+ERRORS = [
+    # (overrides, key path, text the message must contain)
+    (["foo=1"], "foo", "allowed keys of the top level: seed, precision, model"),
+    (["optimizer.foo=1"], "optimizer.foo", "allowed keys of optimizer: name, lr, lr_law"),
+    (["model.moe={num_experts: 4, bogus: 1}"], "model.moe.bogus", "allowed keys of model.moe: num_experts"),
+    (["model.num_layers=abc"], "model.num_layers", "valid integer"),
+    (["optimizer.lr=fast"], "optimizer.lr", "valid number"),
+    (["model.hidden_size=66"], "model.hidden_size", "not divisible by model.num_attention_heads=4"),
+    (["parallelism.tp=3"], "parallelism.tp", "does not divide model.num_attention_heads=4"),
+    (["optimizer.sphere_weight_decay=0.1"], "optimizer.sphere_weight_decay", "allowed: 0"),
+    (["optimizer.name=muonh", "optimizer.sphere_weight_decay=0.01"], "optimizer.sphere_weight_decay",
+     "no-op on the sphere"),
+    (["optimizer.radius=big"], "optimizer.radius", "allowed: init, sqrt_max_dim, <positive number>"),
+    (["optimizer.radius=-1"], "optimizer.radius", "positive"),
+    (["optimizer.update_norm=unit"], "optimizer.update_norm", "allowed: exact, shape"),
+    (["optimizer.name=adamx"], "optimizer.name", "allowed: adamw, muon, adamh, muonh, adam (= adamw)"),
+    (["optimizer.name=adamw", "optimizer.radius=init"], "optimizer.radius", "allowed only with adamh, muonh"),
+    (["optimizer.name=adamw", "optimizer.momentum=0.9"], "optimizer.momentum", "allowed only with muon, muonh"),
+    (["optimizer.lr_law={eta0: 0.01}"], "optimizer.lr", "exactly one of optimizer.lr and optimizer.lr_law"),
+    (["optimizer.lr=null"], "optimizer.lr", "(neither is set)"),
+    (["hyperp.block_output_scale=1/sqrt(L)"], "hyperp.block_output_scale",
+     "allowed: 1/sqrt(2L), 1/L, <positive number>, none"),
+    (["hyperp.block_output_scale=-0.5"], "hyperp.block_output_scale", "positive"),
+    (["model.num_layers=0"], "model.num_layers", "greater than or equal to 1"),
+    (["model.num_layers=0"], "hyperp.block_output_scale", "needs model.num_layers >= 1"),
+    (["model.normalization=rms"], "model.normalization", "'RMSNorm' or 'LayerNorm'"),
+    (["model.position_embedding=alibi"], "model.position_embedding", "'rope', 'learned_absolute' or 'none'"),
+    (["parallelism.ep=2"], "parallelism.ep", "without model.moe"),
+    (["model.moe={num_experts: 2, topk: 3}"], "model.moe.topk", "> model.moe.num_experts=2"),
+    (["model.moe={num_experts: 4, router_sphere: l2}"], "model.moe.router_sphere", "'frobenius', 'row' or 'none'"),
+    (["optimizer.name=adamw", "model.moe={num_experts: 4, router_sphere: frobenius}"],
+     "model.moe.router_sphere", "allowed with it: 'row', 'none'"),
+    (["model.tokenizer=gpt2bpe"], "model.tokenizer.type", "allowed: 'byte'"),
+    (["model.tokenizer.type=wordpiece"], "model.tokenizer.type", "'byte', 'null_tokenizer', 'gpt2bpe'"),
+    (["data.split=949,50,1"], "data.split", "embedded"),
+    (["checkpoint.save_interval=5"], "checkpoint.save_interval", "without checkpoint.save"),
+    (["logging.wandb.mode=online"], "logging.wandb.project", "required"),
+    (["schedule.global_batch_size=7"], "schedule.global_batch_size", "schedule.micro_batch_size=2"),
+    (["optimizer.output_layer_on_sphere=true", "optimizer.name=muonh"], "optimizer.output_layer_on_sphere",
+     "allowed only with adamh"),
+    (["precision=fp8"], "precision", "'bf16', 'fp16' or 'fp32'"),
+]
+
+
+@pytest.mark.parametrize("overrides,path,text", ERRORS, ids=[f"{e[1]}-{i}" for i, e in enumerate(ERRORS)])
+def test_error_names_key_and_allowed_values(overrides, path, text):
+    err = error_of(*overrides)
+    messages = {}
+    for p, m in err.problems:
+        messages.setdefault(p, []).append(m)
+    assert path in messages, f"{path} not among {list(messages)}"
+    assert any(text in m for m in messages[path]), messages[path]
+    assert f"  {path}: " in str(err)
+
+
+def test_missing_required_keys():
+    base = {k: v for k, v in BASE.items() if k != "schedule"}
+    base["model"] = {k: v for k, v in BASE["model"].items() if k != "num_layers"}
+    err = error_of(base=base)
+    paths = [p for p, _ in err.problems]
+    assert paths == ["model.num_layers", "schedule", "hyperp.block_output_scale"]
+    assert dict(err.problems)["schedule"] == "required key is missing"
+
+
+def test_several_problems_reported_together():
+    err = error_of("model.hidden_size=66", "parallelism.tp=8", "optimizer.radius=init",
+                   "optimizer.name=adamw", "checkpoint.save_interval=3")
+    assert sorted(p for p, _ in err.problems) == [
+        "checkpoint.save_interval", "model.hidden_size", "optimizer.radius", "parallelism.tp"]
+
+
+def test_errors_from_a_file_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(dict(BASE, optimizer={"name": "adamh", "lr": 0.02, "radius": "x"})))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "optimizer.radius" in str(info.value)
+    path.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+# -- overrides ---------------------------------------------------------------------------------------
+def test_parse_override_yaml_semantics():
+    assert parse_override("optimizer.lr=0.01") == ("optimizer.lr", 0.01)
+    assert parse_override("a.b=true") == ("a.b", True)
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=") == ("a.b", None)
+    assert parse_override("a.b=[0.9, 0.99]") == ("a.b", [0.9, 0.99])
+    assert parse_override("a.b={x: 1}") == ("a.b", {"x": 1})
+    assert parse_override("a.b=x=y") == ("a.b", "x=y")
+    assert parse_override("a.b=1e-2") == ("a.b", "1e-2")  # YAML 1.1 string; the schema makes it 0.01
+    for bad in ("no_equals", ".a=1", "a..b=1", "a b=1"):
+        with pytest.raises(ConfigError):
+            parse_override(bad)
+
+
+def test_overrides_validated_like_the_file():
+    cfg = cfg_of("optimizer.lr=1e-2", "optimizer.betas=[0.8, 0.9]", "model.moe.num_experts=4")
+    assert cfg.optimizer.lr == 0.01 and cfg.optimizer.betas == (0.8, 0.9)
+    assert cfg.model.moe.num_experts == 4 and cfg.model.moe.topk == 2  # section created on the way
+    assert cfg_of("optimizer.lr=0.1", "optimizer.lr=0.3").optimizer.lr == 0.3  # last one wins
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        cfg_of("optimizer.lr=-1")
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides(BASE, ["optimizer.lr.x=1"])
+    assert BASE["optimizer"] == {"name": "adamh", "lr": 0.02}  # input left untouched
+
+
+def test_config_from_argv(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    cfg, rest = config_from_argv(["--config", str(path), "--set", "optimizer.lr=0.05", "model.num_layers=6",
+                                  "schedule.train_iters=7", "--set", "optimizer.radius=sqrt_max_dim",
+                                  "--log-timers-to-tensorboard"])
+    assert (cfg.optimizer.lr, cfg.model.num_layers, cfg.schedule.train_iters) == (0.05, 6, 7)
+    assert cfg.optimizer.radius == "sqrt_max_dim"
+    assert rest == ["--log-timers-to-tensorboard"]
+    with pytest.raises(ConfigError, match="optimizer.update_norm"):
+        config_from_argv(["--config", str(path), "optimizer.update_norm=bogus"])
+
+
+# -- outputs -----------------------------------------------------------------------------------------
+def test_to_megatron_args_values():
+    cfg = cfg_of("model.moe={num_experts: 4, topk: 2, aux_loss_coeff: 0.1}", "parallelism.ep=2",
+                 "checkpoint.save=/ck", "optimizer.weight_decay=0.1")
+    f = flags(to_megatron_args(cfg, transformer_impl="local"))
+    assert f["--num-layers"] == "2" and f["--hidden-size"] == "64" and f["--num-attention-heads"] == "4"
+    assert f["--ffn-hidden-size"] == "128" and f["--seq-length"] == "32" and f["--max-position-embeddings"] == "32"
+    assert f["--optimizer"] == "adam"                       # adamh rides on Megatron's Adam path
+    assert float(f["--lr"]) == 0.02 and float(f["--min-lr"]) == 0.1 * 0.02
+    assert float(f["--weight-decay"]) == 0.1
+    assert f["--num-experts"] == "4" and f["--moe-router-topk"] == "2" and f["--expert-model-parallel-size"] == "2"
+    assert f["--tokenizer-type"] == "NullTokenizer" and f["--vocab-size"] == "257"
+    assert f["--train-data-path"] == "data/pystdlib/pystdlib_train"
+    assert f["--valid-data-path"] == "data/pystdlib/pystdlib_valid"
+    assert f["--save"] == "/ck" and f["--save-interval"] == "10"  # default: save at the end
+    assert f["--untie-embeddings-and-output-weights"] is True and f["--disable-bias-linear"] is True
+    assert f["--no-gradient-accumulation-fusion"] is True
+    # W&B offline by default, with the TensorBoard dir Megatron needs to send scalars
+    assert f["--wandb-project"] == "megatron-hyperball" and f["--wandb-exp-name"] == "adamh-L2-d64"
+    assert f["--tensorboard-dir"] == "runs/adamh-L2-d64/tensorboard" and f["--wandb-save-dir"] == "/ck/wandb"
+    assert wandb_environment(cfg) == {"WANDB_MODE": "offline"}
+    assert wandb_environment(cfg_of("logging.wandb.project=p")) == {"WANDB_MODE": "online"}
+    assert "--wandb-project" not in to_megatron_args(cfg_of("logging.wandb.mode=disabled"))
+
+
+def test_hyperball_optimizer_fields_build_the_optimizer_config():
+    from megatron_hyperball.megatron.options import HyperballOptimizerConfig, hyperball_options
+
+    fields = hyperball_optimizer_fields(cfg_of("optimizer.radius=2.5", "optimizer.update_norm=shape",
+                                               "optimizer.output_layer_on_sphere=true"))
+    assert fields == {"optimizer": "adamh", "hyperball_radius": 2.5, "hyperball_update_norm": "shape",
+                      "hyperball_output_layer": True}
+    hb = hyperball_options(HyperballOptimizerConfig(lr=0.02, **fields))
+    assert (hb.radius, hb.update_norm, hb.output_layer) == (2.5, "shape", True)
+    assert hyperball_optimizer_fields(cfg_of("optimizer.name=muonh")) == {
+        "optimizer": "muonh", "hyperball_radius": "init", "hyperball_update_norm": "exact",
+        "hyperball_output_layer": False}
+    assert hyperball_optimizer_fields(cfg_of("optimizer.name=adam")) == {"optimizer": "adam"}
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = cfg_of("optimizer.lr=null", "optimizer.lr_law={eta0: 0.01, exponent: 0.25}", "optimizer.name=muonh",
+                 "hyperp.block_output_scale=1/L", "model.moe={num_experts: 4, sqrt_gate: true}")
+    argv = to_megatron_args(cfg, transformer_impl="local")
+    path = save_resolved_config(cfg, tmp_path / "ckpt", megatron_args=argv)
+    assert path == tmp_path / "ckpt" / "hyperball_config.yaml"
+    text = path.read_text()
+    assert text == resolved_config_yaml(cfg, argv)
+    assert f"# {cfg.lr_summary()}" in text and "alpha = 0.5" in text and "--lr " in text
+    again = load_config(path)
+    assert again == cfg
+    assert again.model_dump() == cfg.model_dump()
+
+
+# -- the real Megatron parser --------------------------------------------------------------------------
+MEGATRON_CASES = {
+    "adamh_law": {"overrides": ["optimizer.lr=null", "optimizer.lr_law={eta0: 0.01}", "optimizer.weight_decay=0.1",
+                                "optimizer.radius=sqrt_max_dim", "optimizer.embedding_lr=0.004",
+                                "optimizer.output_lr=0.002", "optimizer.scalar_lr=0.008",
+                                "model.position_embedding=learned_absolute"],
+                  "world_size": 2, "param_groups": True},
+    "muonh": {"overrides": ["optimizer.name=muon_hyperball", "optimizer.momentum=0.9", "precision=fp32"],
+              "world_size": 4},
+    "adamw_moe_own_data": {"overrides": ["optimizer.name=adam", "model.moe={num_experts: 4, topk: 2}",
+                                         "parallelism.ep=2", "data.data_path=0.3 /d/a 0.7 /d/b",
+                                         "model.tokenizer=null_tokenizer", "model.vocab_size=1000",
+                                         "checkpoint.save=/tmp/x", "checkpoint.save_interval=5",
+                                         "logging.wandb.mode=disabled"],
+                           "world_size": 2},
+    # TP > 1: Megatron's validate_args asks the GPU for its architecture, so parse only here
+    "tp2_parse_only": {"overrides": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],
+                       "world_size": 2, "validate": False},
+}
+
+
+@pytest.fixture(scope="module")
+def megatron_parsed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("margs")
+    spec = d / "in.json"
+    out = d / "out.json"
+    spec.write_text(json.dumps({"base": BASE, "cases": MEGATRON_CASES}))
+    proc = subprocess.run([sys.executable, str(WORKERS / "megatron_args_check.py"), str(spec), str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_megatron_parses_and_validates(megatron_parsed):
+    a = megatron_parsed["adamh_law"]["args"]
+    eta0, B, L, T = 0.01, 8 * 32, 2, 10 * 8 * 32
+    lr = eta0 * math.sqrt(B / 2**21) * math.sqrt(8 / L) * (T / 10.4e9) ** -0.32
+    assert a["lr"] == pytest.approx(lr, rel=1e-15) and a["min_lr"] == pytest.approx(0.1 * lr, rel=1e-15)
+    assert (a["num_layers"], a["hidden_size"], a["num_attention_heads"], a["ffn_hidden_size"]) == (2, 64, 4, 128)
+    assert (a["seq_length"], a["max_position_embeddings"], a["train_iters"]) == (32, 32, 10)
+    assert (a["global_batch_size"], a["micro_batch_size"], a["data_parallel_size"]) == (8, 2, 2)
+    assert a["optimizer"] == "adam" and a["use_distributed_optimizer"] is True
+    assert a["use_layer_wise_distributed_optimizer"] is False
+    assert (a["normalization"], a["swiglu"], a["add_bias_linear"]) == ("RMSNorm", True, False)
+    assert (a["tokenizer_type"], a["vocab_size"]) == ("NullTokenizer", 257)
+    assert a["train_data_path"] == ["data/pystdlib/pystdlib_train"]
+    assert a["valid_data_path"] == ["data/pystdlib/pystdlib_valid"]
+    assert (a["lr_warmup_iters"], a["lr_decay_style"], a["lr_decay_iters"]) == (0, "linear", 10)
+    assert (a["adam_beta1"], a["adam_beta2"], a["weight_decay"]) == (0.9, 0.95, 0.1)
+    assert a["bf16"] is True and a["position_embedding_type"] == "learned_absolute"
+
+    m = megatron_parsed["muonh"]["args"]
+    assert m["optimizer"] == "muon" and m["use_layer_wise_distributed_optimizer"] is True
+    assert m["use_distributed_optimizer"] is False  # validate_args moved it to the layer-wise optimizer
+    assert (m["muon_momentum"], m["muon_num_ns_steps"], m["muon_nesterov"]) == (0.9, 5, True)
+    assert m["bf16"] is False and m["data_parallel_size"] == 4
+
+    w = megatron_parsed["adamw_moe_own_data"]["args"]
+    assert w["data_path"] == ["0.3", "/d/a", "0.7", "/d/b"] and w["split"] == "969,30,1"
+    assert (w["num_experts"], w["moe_router_topk"], w["expert_model_parallel_size"]) == (4, 2, 2)
+    assert w["moe_ffn_hidden_size"] == 128 and w["moe_token_dispatcher_type"] == "allgather"
+    assert (w["vocab_size"], w["save"], w["save_interval"], w["wandb_project"]) == (1000, "/tmp/x", 5, None)
+
+    t = megatron_parsed["tp2_parse_only"]["args"]
+    assert (t["tensor_model_parallel_size"], t["sequence_parallel"]) == (2, True)
+
+
+def test_megatron_optimizer_config_and_param_groups(megatron_parsed):
+    case = megatron_parsed["adamh_law"]
+    oc = case["opt_config"]
+    lr = case["args"]["lr"]
+    assert case["opt_config_class"] == "HyperballOptimizerConfig"
+    assert oc["optimizer"] == "adamh" and oc["hyperball_radius"] == "sqrt_max_dim"
+    assert oc["hyperball_update_norm"] == "exact" and oc["lr"] == lr and oc["weight_decay"] == 0.1
+    groups = case["param_groups"]
+    frac = 0.1  # every group decays to 0.1 of its own peak
+    assert groups["embedding.word_embeddings.weight"] == {"max_lr": 0.004, "min_lr": pytest.approx(0.0004),
+                                                          "wd_mult": 1.0}
+    assert groups["embedding.position_embeddings.weight"]["max_lr"] == 0.004
+    assert groups["output_layer.weight"] == {"max_lr": 0.002, "min_lr": pytest.approx(0.0002), "wd_mult": 1.0}
+    norm = groups["decoder.layers.0.input_layernorm.weight"]
+    assert norm == {"max_lr": 0.008, "min_lr": pytest.approx(0.008 * frac), "wd_mult": 0.0}
+    qkv = groups["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert qkv == {"max_lr": lr, "min_lr": pytest.approx(lr * frac, rel=1e-12), "wd_mult": 1.0}
