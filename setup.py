@@ -14,6 +14,7 @@ setup(
         "pydantic>=2",
         "pyyaml",
         "tensorboard",
+        "psutil",  # megatron-core's torch_dist checkpoint writer needs it
     ],
     extras_require={
         "test": ["pytest"],

@@ -21,7 +21,7 @@ from megatron_hyperball.config import (
     to_megatron_args,
     wandb_environment,
 )
-from tests.launch import WORKERS
+from tests.conftest import WORKERS
 
 BASE = {
     "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32},

@@ -16,7 +16,7 @@ from megatron_hyperball.models.depth_mup import (
     resolve_block_output_scale,
     scaled_bias_dropout_add,
 )
-from tests.launch import torchrun
+from tests.conftest import run_torchrun
 
 
 @pytest.mark.parametrize("value,layers,alpha", [
@@ -98,7 +98,7 @@ def test_te_request_falls_back_to_local():
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    return torchrun("depth_mup_worker.py", 1, tmp_path_factory.mktemp("depth_mup") / "out.json", timeout=300)
+    return run_torchrun("depth_mup_worker.py", 1, timeout=300)
 
 
 EXPECTED_ALPHA = {"dense_bias_sqrt2L": 1 / math.sqrt(2 * 3), "dense_1_over_L": 1 / 3, "moe_number": 0.3}

@@ -7,7 +7,7 @@ optimizer runs, so DP = 1, 2, 4 and TP = 2 must all equal the reference to fp32 
 import pytest
 import torch
 
-from tests.launch import torchrun
+from tests.conftest import run_torchrun
 from tests.reference import AdamHReference, adamw_reference_step
 from tests.workers.synthetic import grad, initial
 
@@ -50,12 +50,10 @@ def max_rel_err(params, ref):
 
 
 @pytest.fixture(scope="module")
-def fed_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adamh")
+def fed_runs():
     runs = {}
     for dp, tp in [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]:
-        runs[(dp, tp)] = torchrun("hyperball_worker.py", dp * tp, tmp / f"dp{dp}tp{tp}.json",
-                                  "--scenario", "fed", "--steps", STEPS, "--lr", LR, "--tp", tp)
+        runs[(dp, tp)] = run_torchrun("hyperball_worker.py", dp * tp, "--scenario", "fed", "--steps", STEPS, "--lr", LR, "--tp", tp)
     return runs
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_hyperball.optim.newton_schulz import orthogonalize
-from tests.launch import torchrun
+from tests.conftest import run_torchrun
 from tests.reference import MuonHReference, adamw_reference_step
 from tests.test_megatron_adamh import LR, STEPS, WD, by_optimizer, is_sphere, max_rel_err
 from tests.workers.synthetic import grad, initial
@@ -41,12 +41,11 @@ NAMES = {(1, 1): "muonh", (2, 1): "muonh", (1, 2): "muon_hyperball"}
 
 
 @pytest.fixture(scope="module")
-def fed_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("muonh")
+def fed_runs():
     runs = {}
     for dp, tp in LAYOUTS:
         name = NAMES[(dp, tp)]
-        run = torchrun("hyperball_worker.py", dp * tp, tmp / f"dp{dp}tp{tp}.json", "--scenario", "fed",
+        run = run_torchrun("hyperball_worker.py", dp * tp, "--scenario", "fed",
                        "--optimizers", name, "--layer-wise", "--steps", STEPS, "--lr", LR, "--tp", tp)
         run["muonh"] = run.pop(name)
         run["tensors"] = {k.replace(name + "/", "muonh/", 1): v for k, v in run["tensors"].items()}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.launch import torchrun
+from tests.conftest import run_torchrun
 from tests.test_megatron_adamh import by_optimizer, is_sphere
 
 
@@ -12,10 +12,9 @@ def rel_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    return {dp: torchrun("hyperball_worker.py", dp, tmp / f"dp{dp}.json", "--scenario", "e2e",
-                         "--optimizers", "adam,adamh", "--steps", 5, "--lr", 0.02, "--clip-grad", 1.0)
+def e2e():
+    return {dp: run_torchrun("hyperball_worker.py", dp, "--scenario", "e2e",
+                             "--optimizers", "adam,adamh", "--steps", 5, "--lr", 0.02, "--clip-grad", 1.0)
             for dp in (1, 2)}
 
 
@@ -33,10 +32,10 @@ def test_end_to_end_dp2_vs_dp1_within_megatron_adam_spread(e2e):
     assert spread["adamh"] <= max(4 * spread["adam"], 1e-5), spread
 
 
-def test_sphere_norms_cost_one_all_reduce_per_group(tmp_path):
+def test_sphere_norms_cost_one_all_reduce_per_group():
     """DP = 2 x TP = 2: AdamH's step does exactly one more all-reduce than Megatron Adam's on the
     DP group and one on the TP group, and none elsewhere."""
-    run = torchrun("hyperball_worker.py", 4, tmp_path / "count.json", "--scenario", "fed",
+    run = run_torchrun("hyperball_worker.py", 4, "--scenario", "fed",
                    "--optimizers", "adam,adamh", "--steps", 2, "--tp", 2)
     adam, adamh = run["adam"]["all_reduce_counts"], run["adamh"]["all_reduce_counts"]
     extra = {g: adamh.get(g, 0) - adam.get(g, 0) for g in set(adam) | set(adamh)}
@@ -45,12 +44,12 @@ def test_sphere_norms_cost_one_all_reduce_per_group(tmp_path):
     assert extra == {"[0, 2]": 1, "[0, 1]": 1}, (adam, adamh)
 
 
-def test_non_finite_step_changes_nothing(tmp_path):
+def test_non_finite_step_changes_nothing():
     """A NaN gradient at step 2: Megatron's found-inf path skips the step, the weights and the
     optimizer state are untouched, so the run equals one that never saw step 2 (bitwise)."""
     common = ("--scenario", "fed", "--optimizers", "adamh", "--steps", 4, "--loss-scale", 1.0)
-    with_nan = torchrun("hyperball_worker.py", 2, tmp_path / "nan.json", *common, "--nan-step", 2)
-    without = torchrun("hyperball_worker.py", 2, tmp_path / "skip.json", *common, "--skip-step", 2)
+    with_nan = run_torchrun("hyperball_worker.py", 2, *common, "--nan-step", 2)
+    without = run_torchrun("hyperball_worker.py", 2, *common, "--skip-step", 2)
     assert with_nan["adamh"]["ok"] == [True, True, False, True]
     a, b = with_nan["tensors"], without["tensors"]
     assert a.keys() == b.keys()
@@ -58,8 +57,8 @@ def test_non_finite_step_changes_nothing(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_bad_input_raises_before_any_step(tmp_path):
-    errors = torchrun("hyperball_worker.py", 2, tmp_path / "bad.json", "--scenario", "bad")["errors"]
+def test_bad_input_raises_before_any_step():
+    errors = run_torchrun("hyperball_worker.py", 2, "--scenario", "bad")["errors"]
     assert errors["typo"].startswith("ValueError: OptimizerConfig.optimizer='adamhh' is not a known optimizer")
     assert "adam_hyperball, adamh" in errors["typo"] and "muon_hyperball, muonh" in errors["typo"]
     assert "hyperball_radius='unit'" in errors["radius"] and "allowed: init, sqrt_max_dim" in errors["radius"]
@@ -67,7 +66,7 @@ def test_bad_input_raises_before_any_step(tmp_path):
     assert "decoder.layers.0.mlp.linear_fc1.weight" in errors["weight_decay"]
     assert "allowed: wd_mult=0.0" in errors["weight_decay"]
     assert "use_layer_wise_distributed_optimizer=True" in errors["muonh_on_zero1"]
-    zero = torchrun("hyperball_worker.py", 1, tmp_path / "zero.json", "--scenario", "bad",
+    zero = run_torchrun("hyperball_worker.py", 1, "--scenario", "bad",
                     "--zero-param", "decoder.layers.1.self_attention.linear_proj.weight")["errors"]
     assert "decoder.layers.1.self_attention.linear_proj.weight" in zero["zero_norm"]
     assert "Frobenius norm 0.0" in zero["zero_norm"]
@@ -79,8 +78,8 @@ def test_checkpoint_resume_is_bitwise(tmp_path, optimizer, extra):
     loads and trains the same 2: identical losses and parameters, bitwise."""
     common = ("--scenario", "ckpt", "--optimizers", optimizer, "--steps", 4, "--resume-at", 2,
               "--ckpt-dir", tmp_path / "ckpt", *extra)
-    saved = torchrun("hyperball_worker.py", 2, tmp_path / "save.json", *common, "--phase", "save")
-    resumed = torchrun("hyperball_worker.py", 2, tmp_path / "load.json", *common, "--phase", "load")
+    saved = run_torchrun("hyperball_worker.py", 2, *common, "--phase", "save")
+    resumed = run_torchrun("hyperball_worker.py", 2, *common, "--phase", "load")
     assert resumed[optimizer]["losses_after"] == saved[optimizer]["losses_after"]
     a, b = saved["tensors"], resumed["tensors"]
     for k in a:
