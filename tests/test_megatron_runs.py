@@ -72,7 +72,10 @@ def test_bad_input_raises_before_any_step():
     assert "Frobenius norm 0.0" in zero["zero_norm"]
 
 
-@pytest.mark.parametrize("optimizer,extra", [("adamh", ("--bf16",)), ("muonh", ("--layer-wise", "--bf16"))])
+@pytest.mark.parametrize("optimizer,extra", [
+    ("adamh", ()),  # fp32: needs patches' no_grad fix of Megatron's dp_reshardable load
+    ("muonh", ("--layer-wise", "--bf16")),
+])
 def test_checkpoint_resume_is_bitwise(tmp_path, optimizer, extra):
     """Train 2 steps, save with Megatron's torch_dist checkpointing, train 2 more; a new process
     loads and trains the same 2: identical losses and parameters, bitwise."""

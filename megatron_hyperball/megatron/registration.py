@@ -6,6 +6,7 @@
 - ``_EMERGING_OPTIMIZERS['muonh']`` (and 'muon_hyperball', replacing the entry megatron-core
   0.19.2 builds from emerging-optimizers' MuonHyperball, which fails with TypeError 'betas') is
   this project's TensorParallelMuonH.
+- ``megatron_hyperball.patches.apply()``: version-guarded fixes of megatron-core bugs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ def register() -> None:
     from megatron.core.optimizer import emerging_optimizers as mcore_eopt
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
+    from megatron_hyperball import patches
     from megatron_hyperball.megatron import factory, muon_h, routing
+
+    patches.apply()
 
     factory._original_get_megatron_optimizer = mcore_optimizer.get_megatron_optimizer
     mcore_optimizer.get_megatron_optimizer = factory.get_megatron_optimizer
