@@ -19,14 +19,14 @@ def is_sphere(name):
     return name.endswith(SPHERES)
 
 
-def reference(shapes: dict, radius="init", update_norm="exact"):
-    """float64 AdamH on the sphere matrices, AdamW on the rest (Megatron's wd rule)."""
+def model_reference(shapes: dict, sphere_reference) -> dict:
+    """float64 run of the whole model: ``sphere_reference(w0)`` on the sphere matrices (an object
+    with .step(g) and .w), AdamW on the rest with Megatron's weight-decay rule (none on 1-D/bias)."""
     out = {}
     for name, shape in shapes.items():
         w0 = initial(name, shape).double()
         if is_sphere(name):
-            ref = AdamHReference(w0, LR, radius=radius if radius == "init" else (
-                radius if radius == "sqrt_max_dim" else float(radius)), update_norm=update_norm)
+            ref = sphere_reference(w0)
             for t in range(STEPS):
                 ref.step(grad(name, shape, t))
             out[name] = ref.w
@@ -38,6 +38,10 @@ def reference(shapes: dict, radius="init", update_norm="exact"):
                 w = adamw_reference_step(state, w, grad(name, shape, t).double(), LR, (0.9, 0.95), 1e-8, wd)
             out[name] = w
     return out
+
+
+def reference(shapes: dict) -> dict:
+    return model_reference(shapes, lambda w0: AdamHReference(w0, LR))
 
 
 def by_optimizer(tensors, name):

@@ -6,33 +6,16 @@ single-process reference that uses the same Newton-Schulz in fp32.
 """
 
 import pytest
-import torch
 
 from megatron_hyperball.optim.newton_schulz import orthogonalize
 from tests.conftest import run_torchrun
-from tests.reference import MuonHReference, adamw_reference_step
-from tests.test_megatron_adamh import LR, STEPS, WD, by_optimizer, is_sphere, max_rel_err
-from tests.workers.synthetic import grad, initial
+from tests.reference import MuonHReference
+from tests.test_megatron_adamh import LR, STEPS, by_optimizer, max_rel_err, model_reference
 
 
 def reference(shapes):
     orth = lambda x: orthogonalize(x.float(), fp32_matmul_prec="highest")  # noqa: E731
-    out = {}
-    for name, shape in shapes.items():
-        w0 = initial(name, shape).double()
-        if is_sphere(name):
-            ref = MuonHReference(w0, LR, orth, momentum=0.95, nesterov=True)
-            for t in range(STEPS):
-                ref.step(grad(name, shape, t))
-            out[name] = ref.w
-        else:
-            wd = 0.0 if (len(shape) == 1 or name.endswith("bias")) else WD
-            state = {"m": torch.zeros(shape, dtype=torch.float64), "v": torch.zeros(shape, dtype=torch.float64), "t": 0}
-            w = w0
-            for t in range(STEPS):
-                w = adamw_reference_step(state, w, grad(name, shape, t).double(), LR, (0.9, 0.95), 1e-8, wd)
-            out[name] = w
-    return out
+    return model_reference(shapes, lambda w0: MuonHReference(w0, LR, orth, momentum=0.95, nesterov=True))
 
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
