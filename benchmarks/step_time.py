@@ -132,8 +132,8 @@ def main():
     for base, hyper in PAIRS:
         for name in (base, hyper):
             rows[name] = bench_one(name, preset, args)
-    print(f"| optimizer | opt step ms | full step ms | opt step ratio | full step ratio |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| optimizer | opt step ms | full step ms | opt step ratio | full step ratio |")
+    print("|---|---:|---:|---:|---:|")
     for base, hyper in PAIRS:
         b, h = rows[base], rows[hyper]
         print(f"| {base} (Megatron) | {b[0]:.2f} | {b[1]:.2f} | 1.00 | 1.00 |")

@@ -1,6 +1,5 @@
 """Single-process AdamH / MuonH against the float64 references of DESIGN.md §2."""
 
-import math
 
 import pytest
 import torch

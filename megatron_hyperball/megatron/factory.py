@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import (
-    ChainedOptimizer,
     DistributedOptimizer,
     Float16OptimizerWithFloat16Params,
     ParamKey,
