@@ -43,9 +43,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_one(name, preset, args):
+def build_one(name, preset, args):
+    """Model + DDP + optimizer + a fixed micro-batch for one optimizer name."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megatron_hyperball.megatron.factory import describe
     from megatron_hyperball.megatron.model import build_gpt, seed_all, wrap_ddp
     from megatron_hyperball.megatron.routing import tag_position_embeddings
 
@@ -66,38 +68,46 @@ def bench_one(name, preset, args):
         muon_nesterov=True,
     )
     optimizer = get_megatron_optimizer(config, [ddp])
-    from megatron_hyperball.megatron.factory import describe
-
     print(f"# {name}: " + "; ".join(describe(optimizer)))
-    device = args.device
     gen = torch.Generator().manual_seed(0)
     mb, seq, vocab = preset["micro_batch"], preset["seq_length"], preset["vocab_size"]
     tokens = torch.randint(0, vocab, (mb, seq + 1), generator=gen)
-    tokens = tokens.to("cuda") if device == "cuda" else tokens
+    tokens = tokens.to("cuda") if args.device == "cuda" else tokens
     inp, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     pos = torch.arange(seq, device=inp.device).unsqueeze(0).expand_as(inp)
+    return ddp, optimizer, (inp, pos, labels)
 
-    opt_times, step_times = [], []
+
+def timed_step(setup, device):
+    """(optimizer step seconds, whole step seconds) of one training step."""
+    ddp, optimizer, (inp, pos, labels) = setup
+    sync(device)
+    t0 = time.perf_counter()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = ddp(inp, pos, None, labels=labels).float().mean()
+    loss.backward()
+    ddp.finish_grad_sync()
+    sync(device)
+    t1 = time.perf_counter()
+    optimizer.step()
+    sync(device)
+    t2 = time.perf_counter()
+    return t2 - t1, t2 - t0
+
+
+def bench(names, preset, args):
+    """All optimizers built side by side, their steps interleaved round by round, so a change of
+    machine load hits every optimizer alike; medians of the timed rounds, in ms."""
+    setups = {name: build_one(name, preset, args) for name in names}
+    times = {name: ([], []) for name in names}
     for i in range(args.warmup + args.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = ddp(inp, pos, None, labels=labels).float().mean()
-        loss.backward()
-        ddp.finish_grad_sync()
-        sync(device)
-        t1 = time.perf_counter()
-        optimizer.step()
-        sync(device)
-        t2 = time.perf_counter()
-        if i >= args.warmup:
-            opt_times.append(t2 - t1)
-            step_times.append(t2 - t0)
-    del optimizer, ddp, model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return statistics.median(opt_times) * 1e3, statistics.median(step_times) * 1e3, loss.item()
+        for name in names:
+            opt_s, step_s = timed_step(setups[name], args.device)
+            if i >= args.warmup:
+                times[name][0].append(opt_s)
+                times[name][1].append(step_s)
+    return {n: (statistics.median(o) * 1e3, statistics.median(s) * 1e3) for n, (o, s) in times.items()}
 
 
 def main():
@@ -129,9 +139,8 @@ def main():
     print(f"device: {dev}; torch {torch.__version__}; preset {args.preset} {preset}; "
           f"backends {backends()}; {args.steps} timed steps after {args.warmup} warm-up, medians")
     rows = {}
-    for base, hyper in PAIRS:
-        for name in (base, hyper):
-            rows[name] = bench_one(name, preset, args)
+    for pair in PAIRS:
+        rows.update(bench(pair, preset, args))
     print("| optimizer | opt step ms | full step ms | opt step ratio | full step ratio |")
     print("|---|---:|---:|---:|---:|")
     for base, hyper in PAIRS:

@@ -65,7 +65,7 @@ def fed_runs():
 def test_adamh_zero1_matches_float64_reference(fed_runs, dp, tp):
     run = fed_runs[(dp, tp)]["adamh"]
     assert all(run["ok"])
-    assert run["describe"] == ["DistributedOptimizer > AdamH (torch multi-tensor)"]
+    assert run["describe"] == ["DistributedOptimizer > AdamH (megatron_hyperball)"]
     params = by_optimizer(fed_runs[(dp, tp)]["tensors"], "adamh")
     ref = reference({n: tuple(t.shape) for n, t in params.items()})
     err, errs = max_rel_err(params, ref)

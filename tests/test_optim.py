@@ -82,14 +82,14 @@ def test_exact_mode_chord_matches_lr(cls):
     kwargs = {"fp32_matmul_prec": "highest"} if cls is MuonH else {}
     opt = cls([w], lr=lr, **kwargs)
     directions = []
-    orig = opt.directions
+    orig = opt.update_group
 
-    def recording(params, group):
-        us = orig(params, group)
+    def recording(params, group, on_sphere):
+        us, c = orig(params, group, on_sphere)
         directions.append(us[0].clone())
-        return us
+        return us, c
 
-    opt.directions = recording
+    opt.update_group = recording
     for g in _grads(w.shape, STEPS, 4):
         w0 = w.detach().double().clone()
         w.grad = g

@@ -207,14 +207,14 @@ def _install_adamh(leaf, config, hb, sphere_set, pg_collection) -> None:
 
 
 def describe(opt) -> list[str]:
-    """Which wrapper and which kernel each part of a built optimizer runs, e.g.
-    'DistributedOptimizer > AdamH (torch multi-tensor)' or '... > FusedAdam (transformer_engine)'."""
+    """Which Megatron wrapper and which inner optimizer (and its package: torch, transformer_engine,
+    apex, megatron, megatron_hyperball) each part of a built optimizer runs, e.g.
+    'DistributedOptimizer > AdamH (megatron_hyperball)' or '... > FusedAdam (transformer_engine)'."""
     lines = []
     for leaf in leaf_optimizers(opt):
         inner = getattr(leaf, "optimizer", leaf)
-        module = type(inner).__module__.split(".")[0]
-        kernel = "torch multi-tensor" if module in ("megatron_hyperball", "torch") else module
-        lines.append(f"{type(leaf).__name__} > {type(inner).__name__} ({kernel})")
+        package = type(inner).__module__.split(".")[0]
+        lines.append(f"{type(leaf).__name__} > {type(inner).__name__} ({package})")
     return lines
 
 

@@ -13,6 +13,7 @@ Megatron's distributed optimizer checkpoints.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -54,7 +55,9 @@ class AdamH(HyperballOptimizer):
             if any(p.grad is not None for p in group["params"]):
                 group["step"] = int(group.get("step", 0)) + 1
 
-    def directions(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+    def update_group(
+        self, params: list[torch.Tensor], group: dict, on_sphere: list[bool]
+    ) -> tuple[list[torch.Tensor], float]:
         t = group["step"]
         step = torch.tensor(float(t))
         ms, vs, gs = [], [], []
@@ -68,16 +71,26 @@ class AdamH(HyperballOptimizer):
             vs.append(state["exp_avg_sq"])
             gs.append(p.grad)
         b1, b2 = group["betas"]
-        # multi-tensor kernels: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; u = m_hat/(sqrt(v_hat)+eps)
+        # multi-tensor kernels: m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
         torch._foreach_lerp_(ms, gs, 1 - b1)
         torch._foreach_mul_(vs, b2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
-        denom = torch._foreach_div(vs, 1 - b2**t)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
-        us = torch._foreach_div(ms, 1 - b1**t)
-        torch._foreach_div_(us, denom)
-        return us
+        # m_hat / (sqrt(v_hat) + eps) = c * m / (sqrt(v) + eps sqrt(bc2)),  c = sqrt(bc2) / bc1:
+        # the bias corrections become one scalar, as in torch's Adam, and save two passes
+        bc2_sqrt = math.sqrt(1 - b2**t)
+        c = bc2_sqrt / (1 - b1**t)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, group["eps"] * bc2_sqrt)
+        plain = [i for i, s in enumerate(on_sphere) if not s]
+        if plain:
+            plain_p = [params[i] for i in plain]
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(plain_p, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_addcdiv_(plain_p, [ms[i] for i in plain], [denom[i] for i in plain],
+                                    value=-group["lr"] * c)
+        sphere = [i for i, s in enumerate(on_sphere) if s]
+        us = torch._foreach_div([ms[i] for i in sphere], [denom[i] for i in sphere]) if sphere else []
+        return us, c
 
     def shape_scale(self, shape: tuple[int, int]) -> float:
         return 1.0  # Adam's update as is (DESIGN.md §2, update-norm 'shape')

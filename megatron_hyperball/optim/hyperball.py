@@ -135,6 +135,18 @@ class HyperballOptimizer(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         torch._foreach_add_(params, updates, alpha=-group["lr"])
 
+    def update_group(
+        self, params: list[torch.Tensor], group: dict, on_sphere: list[bool]
+    ) -> tuple[list[torch.Tensor], float]:
+        """Step the group's non-sphere params; return (u, c) for its sphere params, where the base
+        update is c * u (a subclass may keep a per-step scalar out of the tensors: exact mode
+        normalizes it away, shape mode multiplies it into s)."""
+        us = self.directions(params, group)
+        plain = [(p, u) for p, u, s in zip(params, us, on_sphere) if not s]
+        if plain:
+            self.plain_update_([p for p, _ in plain], [u for _, u in plain], group)
+        return [u for u, s in zip(us, on_sphere) if s], 1.0
+
     def begin_step(self) -> None:
         """Hook before any direction is computed (e.g. step counters)."""
 
@@ -155,14 +167,10 @@ class HyperballOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            us = self.directions(params, group)
-            plain_p, plain_u = [], []
-            for p, u in zip(params, us):
-                k = layout.sphere_of(p) if group["sphere"] else None
-                if k is None:
-                    plain_p.append(p)
-                    plain_u.append(u)
-                    continue
+            ks = [layout.sphere_of(p) if group["sphere"] else None for p in params]
+            us, c = self.update_group(params, group, [k is not None for k in ks])
+            sphere_params = [(p, k) for p, k in zip(params, ks) if k is not None]
+            for (p, k), u in zip(sphere_params, us):
                 shape = layout.shapes[k]
                 weights.append(p)
                 updates.append(u)
@@ -172,9 +180,7 @@ class HyperballOptimizer(torch.optim.Optimizer):
                 if r is not None:
                     radius[k] = r
                 if group["update_norm"] == "shape":
-                    scale[k] = self.shape_scale(shape)
-            if plain_p:
-                self.plain_update_(plain_p, plain_u, group)
+                    scale[k] = self.shape_scale(shape) * c
         if n == 0:
             return loss
         # every rank of a sphere group must take part in the reduction, even with no local slice
