@@ -45,9 +45,10 @@ def test_sphere_norms_cost_one_all_reduce_per_group():
 
 
 def test_non_finite_step_changes_nothing():
-    """A NaN gradient at step 2: Megatron's found-inf path skips the step, the weights and the
-    optimizer state are untouched, so the run equals one that never saw step 2 (bitwise)."""
-    common = ("--scenario", "fed", "--optimizers", "adamh", "--steps", 4, "--loss-scale", 1.0)
+    """bf16 params, fp32 main params, loss scale 1: a NaN gradient at step 2 goes through
+    Megatron's found-inf path, which skips the step; the weights and the optimizer state are
+    untouched, so the run equals one that never saw step 2 (bitwise)."""
+    common = ("--scenario", "fed", "--optimizers", "adamh", "--steps", 4, "--loss-scale", 1.0, "--bf16")
     with_nan = run_torchrun("hyperball_worker.py", 2, *common, "--nan-step", 2)
     without = run_torchrun("hyperball_worker.py", 2, *common, "--skip-step", 2)
     assert with_nan["adamh"]["ok"] == [True, True, False, True]
