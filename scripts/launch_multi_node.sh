@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Launch scripts/pretrain_gpt.py on several machines with torchrun's static rendezvous.
+# Run this script once on every node, with the same arguments and environment except NODE_RANK.
+#
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 scripts/launch_multi_node.sh --config configs/gpt_1.3b_muonh.yaml
+#
+# Environment variables:
+#   NNODES           number of nodes (required)
+#   NODE_RANK        this node's rank, 0 .. NNODES-1 (required)
+#   MASTER_ADDR      host name or address of node 0, reachable from every node (required)
+#   MASTER_PORT      a free TCP port on node 0 (default: 29500)
+#   NPROC            processes per node (default: the number of visible GPUs; 2 without GPUs)
+#   PYTHON           Python interpreter (default: .venv/bin/python of this checkout, else python3)
+#   OMP_NUM_THREADS  CPU threads per process (default: 1 without GPUs, else left to torchrun)
+#   TORCHRUN_ARGS    extra torchrun arguments (default: none)
+#
+# Every argument is passed to scripts/pretrain_gpt.py. The full command is printed before it runs.
+# Paths in the config (checkpoint.save, data) must be valid on every node; the checkpoint
+# directory must be on a file system all nodes share.
+set -euo pipefail
+
+: "${NNODES:?set NNODES (number of nodes)}"
+: "${NODE_RANK:?set NODE_RANK (this node: 0 .. NNODES-1)}"
+: "${MASTER_ADDR:?set MASTER_ADDR (address of node 0)}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+if [[ -z "${NPROC:-}" ]]; then
+  NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+  if [[ "$NGPU" -gt 0 ]]; then NPROC="$NGPU"; else NPROC=2; fi
+fi
+if [[ -z "${OMP_NUM_THREADS:-}" ]] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  export OMP_NUM_THREADS=1
+fi
+
+# shellcheck disable=SC2206
+EXTRA=(${TORCHRUN_ARGS:-})
+CMD=("$PYTHON" -m torch.distributed.run
+     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC"
+     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "${EXTRA[@]}"
+     "$ROOT/scripts/pretrain_gpt.py" "$@")
+echo "+ ${OMP_NUM_THREADS:+OMP_NUM_THREADS=$OMP_NUM_THREADS }$(printf '%q ' "${CMD[@]}")"
+exec "${CMD[@]}"
