@@ -18,6 +18,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
+        "bench": ["matplotlib"],  # benchmarks/compare_optimizers.py plots
         # Transformer Engine is optional: used when importable (GPU machines), never required.
         "te": ["transformer-engine[pytorch]"],
     },
