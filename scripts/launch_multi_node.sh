@@ -24,20 +24,8 @@ set -euo pipefail
 : "${MASTER_ADDR:?set MASTER_ADDR (address of node 0)}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
-if [[ -z "${NPROC:-}" ]]; then
-  NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-  if [[ "$NGPU" -gt 0 ]]; then NPROC="$NGPU"; else NPROC=2; fi
-fi
-if [[ -z "${OMP_NUM_THREADS:-}" ]] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  export OMP_NUM_THREADS=1
-fi
-
-# shellcheck disable=SC2206
-EXTRA=(${TORCHRUN_ARGS:-})
+# shellcheck source=scripts/_launch_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_env.sh"
 CMD=("$PYTHON" -m torch.distributed.run
      --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC"
      --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "${EXTRA[@]}"

@@ -12,20 +12,8 @@
 # Every argument is passed to scripts/pretrain_gpt.py. The full command is printed before it runs.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
-if [[ -z "${NPROC:-}" ]]; then
-  NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-  if [[ "$NGPU" -gt 0 ]]; then NPROC="$NGPU"; else NPROC=2; fi
-fi
-if [[ -z "${OMP_NUM_THREADS:-}" ]] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  export OMP_NUM_THREADS=1
-fi
-
-# shellcheck disable=SC2206
-EXTRA=(${TORCHRUN_ARGS:-})
+# shellcheck source=scripts/_launch_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_env.sh"
 CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" "${EXTRA[@]}"
      "$ROOT/scripts/pretrain_gpt.py" "$@")
 echo "+ ${OMP_NUM_THREADS:+OMP_NUM_THREADS=$OMP_NUM_THREADS }$(printf '%q ' "${CMD[@]}")"
