@@ -326,19 +326,11 @@ class _CpuCuda(types.ModuleType):
     def is_current_stream_capturing() -> bool:
         return False
 
-    @staticmethod
-    def manual_seed(seed: int) -> None:
-        torch.manual_seed(seed)
-
-    manual_seed_all = manual_seed
-
-    @staticmethod
-    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
-        return torch.get_rng_state()
-
-    @staticmethod
-    def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
-        torch.set_rng_state(new_state)
+    # the RNG calls torch.cuda re-exports from torch.cuda.random: the same CPU versions
+    manual_seed = staticmethod(_CpuCudaRandom.manual_seed)
+    manual_seed_all = staticmethod(_CpuCudaRandom.manual_seed_all)
+    get_rng_state = staticmethod(_CpuCudaRandom.get_rng_state)
+    set_rng_state = staticmethod(_CpuCudaRandom.set_rng_state)
 
 
 class _CpuTorch(types.ModuleType):
