@@ -47,9 +47,9 @@ def build_one(name, preset, args):
     """Model + DDP + optimizer + a fixed micro-batch for one optimizer name."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_hyperball.megatron.factory import describe
-    from megatron_hyperball.megatron.model import build_gpt, seed_all, wrap_ddp
-    from megatron_hyperball.megatron.routing import tag_position_embeddings
+    from megatron_hyperball.mcore.tree import describe
+    from megatron_hyperball.mcore.builders import build_gpt, seed_all, wrap_ddp
+    from megatron_hyperball.mcore.roles import tag_position_embeddings
 
     muon = "muon" in name
     bf16 = args.bf16 or muon
@@ -131,7 +131,7 @@ def main():
         enable_cpu()
     import megatron_hyperball  # noqa: F401  registers adamh / muonh
     from megatron_hyperball.compat import backends
-    from megatron_hyperball.megatron.model import init_parallel
+    from megatron_hyperball.mcore.builders import init_parallel
 
     init_parallel()
     preset = PRESETS[args.preset]

@@ -1,7 +1,8 @@
 """megatron-hyperball: hypersphere optimizers (AdamH, MuonH) for megatron-core.
 
-Importing the package registers the optimizers with megatron-core's optimizer factory when
-megatron-core is installed; the pure-torch optimizers in ``megatron_hyperball.optim`` work without it.
+Importing the package installs the ``core`` patches (``megatron_hyperball.patches``) when
+megatron-core is installed: 'adamh' / 'muonh' become names Megatron's optimizer factory builds.
+The pure-torch optimizers in ``megatron_hyperball.optim`` work without Megatron.
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,6 @@ try:
 except ImportError:  # the optimizers are still usable on their own
     pass
 else:
-    from megatron_hyperball.megatron import registration as _registration
+    from megatron_hyperball import patches as _patches
 
-    _registration.register()
+    _patches.apply("core")

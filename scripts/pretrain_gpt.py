@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 2 scripts/pretrain_gpt.py --config configs/quickstart.yaml [KEY=VALUE ...]
 
 Overrides (``--set KEY=VALUE`` or bare ``section.key=value``) are validated like the file; any
-other argument is passed to Megatron's parser as an extra flag. See scripts/README_SECTION.md.
+other argument is passed to Megatron's parser as an extra flag (a later flag wins).
 """
 
 import os

@@ -1,4 +1,4 @@
-"""The YAML schema: validation errors, overrides, Megatron arguments, resolved config."""
+"""The YAML schema: validation errors, overrides, launch checks, Megatron arguments, resolved config."""
 
 import json
 import math
@@ -13,14 +13,13 @@ from megatron_hyperball.config import (
     ConfigError,
     apply_overrides,
     config_from_argv,
-    hyperball_optimizer_fields,
+    launch_problems,
     load_config,
     parse_override,
     resolved_config_yaml,
     save_resolved_config,
-    to_megatron_args,
-    wandb_environment,
 )
+from megatron_hyperball.pretrain.megatron_args import to_megatron_args, wandb_environment
 from tests.conftest import WORKERS
 
 BASE = {
@@ -217,7 +216,10 @@ def test_to_megatron_args_values():
     f = flags(to_megatron_args(cfg, transformer_impl="local"))
     assert f["--num-layers"] == "2" and f["--hidden-size"] == "64" and f["--num-attention-heads"] == "4"
     assert f["--ffn-hidden-size"] == "128" and f["--seq-length"] == "32" and f["--max-position-embeddings"] == "32"
-    assert f["--optimizer"] == "adam"                       # adamh rides on Megatron's Adam path
+    assert f["--optimizer"] == "adamh"                      # a name add_plugin_args adds to --optimizer
+    assert f["--hyperball-radius"] == "init" and f["--hyperball-update-norm"] == "exact"  # the defaults
+    assert "--hyperball-output-layer" not in f and "--hyperball-embedding-lr" not in f
+    assert f["--hyperball-metrics-interval"] == "10"        # default: logging.log_interval
     assert float(f["--lr"]) == 0.02 and float(f["--min-lr"]) == 0.1 * 0.02
     assert float(f["--weight-decay"]) == 0.1
     assert f["--num-experts"] == "4" and f["--moe-router-topk"] == "2" and f["--expert-model-parallel-size"] == "2"
@@ -235,19 +237,40 @@ def test_to_megatron_args_values():
     assert "--wandb-project" not in to_megatron_args(cfg_of("logging.wandb.mode=disabled"))
 
 
-def test_hyperball_optimizer_fields_build_the_optimizer_config():
-    from megatron_hyperball.megatron.options import HyperballOptimizerConfig, hyperball_options
+def test_hyperball_flags():
+    f = flags(to_megatron_args(cfg_of("optimizer.radius=2.5", "optimizer.update_norm=shape",
+                                      "optimizer.output_layer_on_sphere=true", "logging.metrics_interval=5")))
+    assert (f["--optimizer"], f["--hyperball-radius"], f["--hyperball-update-norm"]) == ("adamh", "2.5", "shape")
+    assert f["--hyperball-output-layer"] is True and f["--hyperball-metrics-interval"] == "5"
+    f = flags(to_megatron_args(cfg_of("optimizer.name=muon_hyperball")))
+    assert (f["--optimizer"], f["--hyperball-radius"], f["--hyperball-update-norm"]) == ("muonh", "init", "exact")
+    assert "--hyperball-output-layer" not in f
+    for name, megatron in (("adam", "adam"), ("muon", "muon")):
+        f = flags(to_megatron_args(cfg_of(f"optimizer.name={name}", "optimizer.embedding_lr=0.004")))
+        assert f["--optimizer"] == megatron
+        assert not any(k.startswith(("--hyperball-radius", "--hyperball-update", "--hyperball-output-layer"))
+                       for k in f)                       # no sphere options without spheres
+        assert f["--hyperball-embedding-lr"] == "0.004"  # the per-group lrs for every optimizer
 
-    fields = hyperball_optimizer_fields(cfg_of("optimizer.radius=2.5", "optimizer.update_norm=shape",
-                                               "optimizer.output_layer_on_sphere=true"))
-    assert fields == {"optimizer": "adamh", "hyperball_radius": 2.5, "hyperball_update_norm": "shape",
-                      "hyperball_output_layer": True}
-    hb = hyperball_options(HyperballOptimizerConfig(lr=0.02, **fields))
-    assert (hb.radius, hb.update_norm, hb.output_layer) == (2.5, "shape", True)
-    assert hyperball_optimizer_fields(cfg_of("optimizer.name=muonh")) == {
-        "optimizer": "muonh", "hyperball_radius": "init", "hyperball_update_norm": "exact",
-        "hyperball_output_layer": False}
-    assert hyperball_optimizer_fields(cfg_of("optimizer.name=adam")) == {"optimizer": "adam"}
+
+# -- the launch ---------------------------------------------------------------------------------------
+def test_launch_problems():
+    assert launch_problems(cfg_of(), 4, cpu=True) == []
+    paths = lambda cfg, n, cpu=True: [p for p, _ in launch_problems(cfg, n, cpu=cpu)]  # noqa: E731
+    assert paths(cfg_of("parallelism.tp=2"), 3) == ["parallelism"]
+    problems = dict(launch_problems(cfg_of(), 3, cpu=True))
+    assert "8 is not divisible by schedule.micro_batch_size * data-parallel size = 2 * 3" in \
+        problems["schedule.global_batch_size"]
+    moe = "model.moe={num_experts: 4, sqrt_gate: true, router_sphere: row, token_dispatcher: alltoall}"
+    assert paths(cfg_of(moe, "model.transformer_impl=transformer_engine", "precision=fp16"), 2) == [
+        "model.moe.sqrt_gate", "model.moe.router_sphere", "model.transformer_impl", "precision",
+        "model.moe.token_dispatcher"]
+    assert paths(cfg_of(moe, "model.transformer_impl=transformer_engine", "precision=fp16"), 2, cpu=False) == [
+        "model.moe.sqrt_gate", "model.moe.router_sphere"]
+    assert paths(cfg_of("optimizer.name=muonh", "precision=fp32", "checkpoint.save=/ck"), 2) == ["precision"]
+    assert paths(cfg_of("optimizer.name=muonh", "precision=fp32"), 2) == []
+    assert "fails in megatron-core 0.19.2" in dict(launch_problems(
+        cfg_of("optimizer.name=muon", "precision=fp32"), 2, cpu=False))["precision"]
 
 
 def test_resolved_config_round_trip(tmp_path):
@@ -272,13 +295,15 @@ MEGATRON_CASES = {
                                 "model.position_embedding=learned_absolute"],
                   "world_size": 2, "param_groups": True},
     "muonh": {"overrides": ["optimizer.name=muon_hyperball", "optimizer.momentum=0.9", "precision=fp32"],
-              "world_size": 4},
+              "world_size": 4, "opt_config": True},
+    "adamh_options": {"overrides": ["optimizer.radius=2.5", "optimizer.update_norm=shape",
+                                    "optimizer.output_layer_on_sphere=true"], "world_size": 2, "opt_config": True},
     "adamw_moe_own_data": {"overrides": ["optimizer.name=adam", "model.moe={num_experts: 4, topk: 2}",
                                          "parallelism.ep=2", "data.data_path=0.3 /d/a 0.7 /d/b",
                                          "model.tokenizer=null_tokenizer", "model.vocab_size=1000",
                                          "checkpoint.save=/tmp/x", "checkpoint.save_interval=5",
                                          "logging.wandb.mode=disabled"],
-                           "world_size": 2},
+                           "world_size": 2, "opt_config": True},
     # TP > 1: Megatron's validate_args asks the GPU for its architecture, so parse only here
     "tp2_parse_only": {"overrides": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],
                        "world_size": 2, "validate": False},
@@ -306,8 +331,13 @@ def test_megatron_parses_and_validates(megatron_parsed):
     assert (a["num_layers"], a["hidden_size"], a["num_attention_heads"], a["ffn_hidden_size"]) == (2, 64, 4, 128)
     assert (a["seq_length"], a["max_position_embeddings"], a["train_iters"]) == (32, 32, 10)
     assert (a["global_batch_size"], a["micro_batch_size"], a["data_parallel_size"]) == (8, 2, 2)
-    assert a["optimizer"] == "adam" and a["use_distributed_optimizer"] is True
+    # adamh on Megatron's Adam path: validate_args keeps it on the ZeRO-1 distributed optimizer
+    assert a["optimizer"] == "adamh" and a["use_distributed_optimizer"] is True
     assert a["use_layer_wise_distributed_optimizer"] is False
+    assert (a["hyperball_radius"], a["hyperball_update_norm"], a["hyperball_output_layer"]) == \
+        ("sqrt_max_dim", "exact", False)
+    assert (a["hyperball_embedding_lr"], a["hyperball_output_lr"], a["hyperball_scalar_lr"]) == (0.004, 0.002, 0.008)
+    assert a["hyperball_metrics_interval"] == 10
     assert (a["normalization"], a["swiglu"], a["add_bias_linear"]) == ("RMSNorm", True, False)
     assert (a["tokenizer_type"], a["vocab_size"]) == ("NullTokenizer", 257)
     assert a["train_data_path"] == ["data/pystdlib/pystdlib_train"]
@@ -317,7 +347,7 @@ def test_megatron_parses_and_validates(megatron_parsed):
     assert a["bf16"] is True and a["position_embedding_type"] == "learned_absolute"
 
     m = megatron_parsed["muonh"]["args"]
-    assert m["optimizer"] == "muon" and m["use_layer_wise_distributed_optimizer"] is True
+    assert m["optimizer"] == "muonh" and m["use_layer_wise_distributed_optimizer"] is True
     assert m["use_distributed_optimizer"] is False  # validate_args moved it to the layer-wise optimizer
     assert (m["muon_momentum"], m["muon_num_ns_steps"], m["muon_nesterov"]) == (0.9, 5, True)
     assert m["bf16"] is False and m["data_parallel_size"] == 4
@@ -328,11 +358,25 @@ def test_megatron_parses_and_validates(megatron_parsed):
     assert w["moe_ffn_hidden_size"] == 128 and w["moe_token_dispatcher_type"] == "allgather"
     assert (w["vocab_size"], w["save"], w["save_interval"], w["wandb_project"]) == (1000, "/tmp/x", 5, None)
 
+    assert w["optimizer"] == "adam" and w["hyperball_embedding_lr"] is None
+
     t = megatron_parsed["tp2_parse_only"]["args"]
     assert (t["tensor_model_parallel_size"], t["sequence_parallel"]) == (2, True)
 
 
-def test_megatron_optimizer_config_and_param_groups(megatron_parsed):
+def test_hyperball_flags_build_the_optimizer_config(megatron_parsed):
+    """The optimizer config the trainer builds from the parsed flags (mcore.args.optimizer_config_from_args)."""
+    hb = megatron_parsed["adamh_options"]
+    assert hb["opt_config_class"] == "HyperballOptimizerConfig" and hb["opt_config"]["optimizer"] == "adamh"
+    assert hb["hyperball_options"] == {"radius": 2.5, "update_norm": "shape", "output_layer": True}
+    mh = megatron_parsed["muonh"]
+    assert mh["opt_config"]["optimizer"] == "muonh"
+    assert mh["hyperball_options"] == {"radius": "init", "update_norm": "exact", "output_layer": False}
+    assert mh["opt_config"]["muon_momentum"] == 0.9
+    assert megatron_parsed["adamw_moe_own_data"]["opt_config"]["optimizer"] == "adam"
+
+
+def test_trainer_optimizer_config_and_param_groups(megatron_parsed):
     case = megatron_parsed["adamh_law"]
     oc = case["opt_config"]
     lr = case["args"]["lr"]

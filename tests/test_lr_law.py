@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from megatron_hyperball.config import load_config, to_megatron_args
+from megatron_hyperball.config import load_config
 from megatron_hyperball.config.lr_law import lr_from_run, transfer_lr
+from megatron_hyperball.pretrain.megatron_args import to_megatron_args
 
 
 def test_brief_example():

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from megatron_hyperball.optim import AdamH, MuonH, canonical_name
+from megatron_hyperball.optim import AdamH, MuonH, SphereHook, canonical_name
 from megatron_hyperball.optim.newton_schulz import orthogonalize
 from tests.reference import AdamHReference, MuonHReference, adamw_reference_step, chord_from_lr
 
@@ -72,6 +72,17 @@ def test_muonh_matches_reference_with_same_newton_schulz(shape, update_norm):
     assert rel(w.detach(), ref.w) <= 1e-5
 
 
+class RecordUpdates(SphereHook):
+    """Records the base update u of the first sphere tensor, every step."""
+
+    def __init__(self):
+        self.updates = []
+
+    def partials(self, batch):
+        self.updates.append(batch.updates[0].clone())
+        return None
+
+
 @pytest.mark.parametrize("cls", [AdamH, MuonH])
 def test_exact_mode_chord_matches_lr(cls):
     """Every step: ||W_t|| = R, and ||W_{t+1} - W_t|| / R is the chord implied by lr."""
@@ -80,25 +91,73 @@ def test_exact_mode_chord_matches_lr(cls):
     w = torch.nn.Parameter(torch.randn(20, 12))
     R = w.detach().norm().item()
     kwargs = {"fp32_matmul_prec": "highest"} if cls is MuonH else {}
-    opt = cls([w], lr=lr, **kwargs)
-    directions = []
-    orig = opt.update_group
-
-    def recording(params, group, on_sphere):
-        us, c = orig(params, group, on_sphere)
-        directions.append(us[0].clone())
-        return us, c
-
-    opt.update_group = recording
+    record = RecordUpdates()
+    opt = cls([w], lr=lr, sphere_hooks=[record], **kwargs)
     for g in _grads(w.shape, STEPS, 4):
         w0 = w.detach().double().clone()
         w.grad = g
         opt.step()
-        u = directions[-1].double()
+        u = record.updates[-1].double()
         cos = (w0 * u).sum().item() / (w0.norm().item() * u.norm().item())
         chord = (w.detach().double() - w0).norm().item() / R
         assert abs(w.detach().double().norm().item() / R - 1) < 1e-6
         assert abs(chord - chord_from_lr(lr, cos)) < 1e-6
+    assert len(record.updates) == STEPS
+
+
+class RowGain(SphereHook):
+    """A miniature magnitude-direction hook: W = diag(r) V, V on the sphere, r stepped by SGD.
+
+    pre_update:   V = W / r,  G_V = diag(r) G,  local grad_r[i] = sum_j V[i,j] G[i,j]
+    partials:     grad_r as sphere k's row of extra columns (padded to the tallest matrix)
+    post_update:  (after the sphere step of V)  r -= lr grad_r,  W = diag(r) V
+    """
+
+    def __init__(self, gains, lr):
+        self.gains, self.lr = gains, lr
+
+    def pre_update(self, batch):
+        self.grad_r = torch.zeros(len(self.gains), max(len(r) for r in self.gains))
+        for i, (w, k) in enumerate(zip(batch.params, batch.ids)):
+            r = self.gains[k][:, None]
+            w.div_(r)
+            self.grad_r[k, : w.shape[0]] += (w * batch.grads[i]).sum(1)
+            batch.grads[i] = batch.grads[i] * r
+
+    def partials(self, batch):
+        return self.grad_r
+
+    def post_update(self, batch, sums):
+        for k, r in enumerate(self.gains):
+            r -= self.lr * sums[k, : len(r)]
+        for w, k in zip(batch.params, batch.ids):
+            w.mul_(self.gains[k][:, None])
+
+
+def test_custom_hook_transforms_grad_and_weight_and_adds_partials():
+    """A row-gain hook around MuonH's sphere step matches a float64 computation of the same rule.
+
+    The hook rewrites the gradient (Newton-Schulz is not invariant to row scaling, so G_V matters),
+    the weight before and after the sphere step, and adds per-row sums as extra reduced columns."""
+    torch.manual_seed(0)
+    shapes, lr_r = [(12, 8), (8, 20)], 0.01
+    ws = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    gains = [1 + 0.5 * torch.rand(s[0]) for s in shapes]
+    hook = RowGain([r.clone() for r in gains], lr_r)
+    opt = MuonH(ws, lr=0.02, fp32_matmul_prec="highest", sphere_hooks=[hook])
+    refs = [MuonHReference(w / r[:, None], lr=0.02, orth=_orth_fp32) for w, r in zip(ws, gains)]
+    r_ref = [r.double() for r in gains]
+    for gs in zip(*(_grads(s, STEPS, 5 + i) for i, s in enumerate(shapes))):
+        for w, g in zip(ws, gs):
+            w.grad = g.clone()
+        opt.step()
+        for k, (ref, g) in enumerate(zip(refs, gs)):
+            grad_r = (ref.w * g.double()).sum(1)
+            ref.step(r_ref[k][:, None] * g.double())
+            r_ref[k] = r_ref[k] - lr_r * grad_r
+    for k in range(len(shapes)):
+        assert rel(hook.gains[k] - gains[k], r_ref[k] - gains[k]) <= 1e-5
+        assert rel(ws[k].detach(), r_ref[k][:, None] * refs[k].w) <= 1e-5
 
 
 def test_zero_gradient_leaves_matrix_in_place():

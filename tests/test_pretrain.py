@@ -148,13 +148,13 @@ def test_start_of_run_report_and_optimizer_path(run_a):
     assert ("[hyperball] optimizer: LayerWiseDistributedOptimizer > Float16OptimizerWithFloat16Params > "
             "TensorParallelMuonH (") in out
     assert "[hyperball] optimizer: DistributedOptimizer > AdamW (" in out
-    assert "--optimizer muon" in out and "--use-distributed-optimizer" in out
+    assert "--optimizer muonh " in out and "--use-distributed-optimizer" in out
     assert "> building GPTModel (local spec)" in out
 
 
 def test_hyperball_metrics_in_tensorboard_and_wandb(run_a):
     tb, root = run_a["tb"], run_a["root"]
-    from megatron_hyperball.pretrain.metrics import metric_names
+    from megatron_hyperball.mcore.metrics import metric_names
 
     expected = metric_names(SPHERE_TYPES + ("output", "embedding"))
     for name in expected:
@@ -268,12 +268,13 @@ def test_configs_pass_megatrons_validate_args(tmp_path):
         assert r["load"] == r["save"] and r["save"].startswith("runs/")
         assert r["data_parallel_size"] == 16
         if r["name"] in ("adamw", "adamh"):
+            megatron_name = {"adamw": "adam", "adamh": "adamh"}[r["name"]]
             assert (r["args_optimizer"], r["use_distributed_optimizer"], r["use_layer_wise_distributed_optimizer"]) \
-                == ("adam", True, False), r
-            assert r["config_optimizer"] == {"adamw": "adam", "adamh": "adamh"}[r["name"]]
+                == (megatron_name, True, False), r
+            assert r["config_optimizer"] == megatron_name
         else:
             assert (r["args_optimizer"], r["use_distributed_optimizer"], r["use_layer_wise_distributed_optimizer"]) \
-                == ("muon", False, True), r
+                == ("muonh", False, True), r
             assert r["config_optimizer"] == "muonh"
     assert result["gpt_125m_muonh.yaml"]["lr"] == pytest.approx(0.00642859, rel=1e-5)
     assert result["gpt_1.3b_adamw.yaml"]["lr"] == 2e-4

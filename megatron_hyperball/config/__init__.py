@@ -1,13 +1,16 @@
-"""YAML config -> validated schema -> Megatron arguments; the LR transfer law.
+"""A pretraining run as one validated YAML config, and HyperP's lr transfer law.
 
-    from megatron_hyperball.config import load_config, to_megatron_args
-    cfg = load_config("configs/tiny_cpu.yaml", ["optimizer.lr=0.01"])
-    argv = to_megatron_args(cfg)
+    from megatron_hyperball.config import load_config, launch_problems
+    cfg = load_config("configs/quickstart.yaml", ["optimizer.lr=0.01"])
     print(cfg.lr_summary())
+    problems = launch_problems(cfg, world_size=2, cpu=True)
 
-See ``README_SECTION.md`` in this folder for the keys.
+These modules read only pydantic, PyYAML and ``megatron_hyperball.names`` (no torch, no Megatron),
+so a config and its launch are checked completely before a process group exists. The translation
+to Megatron's flags lives beside the entry, in ``megatron_hyperball.pretrain.megatron_args``.
 """
 
+from megatron_hyperball.config.launch import config_for_launch, launch_problems
 from megatron_hyperball.config.load import (
     RESOLVED_CONFIG_NAME,
     add_config_arguments,
@@ -19,22 +22,14 @@ from megatron_hyperball.config.load import (
     read_yaml,
     resolved_config_yaml,
     save_resolved_config,
+    split_argv,
 )
 from megatron_hyperball.config.lr_law import LRLawResult, lr_from_run, transfer_lr
-from megatron_hyperball.config.megatron_args import (
-    hyperball_optimizer_fields,
-    megatron_optimizer_config,
-    param_group_overrides,
-    prepare_embedded_data,
-    to_megatron_args,
-    wandb_environment,
-)
 from megatron_hyperball.config.schema import ConfigError, HyperballConfig, validate_config
 
 __all__ = [
     "ConfigError", "HyperballConfig", "LRLawResult", "RESOLVED_CONFIG_NAME", "add_config_arguments",
-    "apply_overrides", "config_from_argv", "hyperball_optimizer_fields", "load_config", "lr_from_run",
-    "megatron_optimizer_config", "param_group_overrides", "parse_override", "parse_overrides",
-    "prepare_embedded_data", "read_yaml", "resolved_config_yaml", "save_resolved_config", "to_megatron_args",
-    "transfer_lr", "validate_config", "wandb_environment",
+    "apply_overrides", "config_for_launch", "config_from_argv", "launch_problems", "load_config", "lr_from_run",
+    "parse_override", "parse_overrides", "read_yaml", "resolved_config_yaml", "save_resolved_config",
+    "split_argv", "transfer_lr", "validate_config",
 ]

@@ -6,8 +6,10 @@ Overrides (any key, any depth), parsed with YAML value semantics and validated l
     optimizer.lr=0.01 schedule.train_iters=200           # bare KEY=VALUE arguments work too
     optimizer.lr_law=null                                # null / ~ / empty value: None (removes a block)
     optimizer.betas=[0.9,0.99]   data.data_path=/d/a     # flow YAML: lists, maps, strings
+    seed=7 precision=fp32                                # top-level keys
 
-A later override of the same key wins; a dotted key creates missing sections on the way.
+A later override of the same key wins; a dotted key creates missing sections on the way. The
+resolved config can be written next to a checkpoint and loaded back as it is.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from megatron_hyperball.config.schema import ConfigError, HyperballConfig, valid
 
 __all__ = [
     "RESOLVED_CONFIG_NAME", "read_yaml", "parse_override", "parse_overrides", "apply_overrides",
-    "load_config", "add_config_arguments", "config_from_argv", "resolved_config_yaml", "save_resolved_config",
+    "load_config", "add_config_arguments", "split_argv", "config_from_argv", "resolved_config_yaml",
+    "save_resolved_config",
 ]
 
 RESOLVED_CONFIG_NAME = "hyperball_config.yaml"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+=")
+_BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -110,19 +113,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def config_from_argv(argv: Sequence[str]) -> tuple[HyperballConfig, list[str]]:
-    """Parse ``--config PATH [--set K=V ...] [K=V ...]``; returns (config, unrecognised args).
-
-    Bare ``section.key=value`` arguments are overrides too; anything else is returned untouched
-    (e.g. extra Megatron flags for the entry script to pass through).
-    """
+def split_argv(argv: Sequence[str]) -> tuple[str, list[str], list[str]]:
+    """``--config PATH [--set K=V ...] [K=V ...] [other]`` -> (PATH, overrides, other arguments)."""
     parser = add_config_arguments(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
     args, rest = parser.parse_known_args(list(argv))
     items = [i for group in args.overrides for i in group]
     remaining = []
     for token in rest:
         (items if _BARE.match(token) else remaining).append(token)
-    return load_config(args.config, items), remaining
+    return args.config, items, remaining
+
+
+def config_from_argv(argv: Sequence[str]) -> tuple[HyperballConfig, list[str]]:
+    """Parse ``--config PATH [--set K=V ...] [K=V ...]``; returns (config, unrecognised args).
+
+    Bare ``key=value`` arguments (``section.key=value`` or a top-level ``seed=7``) are overrides
+    too; anything else is returned untouched (e.g. extra Megatron flags for the entry to pass on).
+    """
+    path, items, remaining = split_argv(argv)
+    return load_config(path, items), remaining
 
 
 def resolved_config_yaml(cfg: HyperballConfig, megatron_args: Optional[Sequence[str]] = None) -> str:

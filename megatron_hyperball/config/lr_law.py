@@ -1,4 +1,4 @@
-"""HyperP's learning-rate transfer law (DESIGN.md §4).
+"""HyperP's learning-rate transfer law: the lr tuned once at a base scale, moved to a run's scale.
 
     lr = eta0 * sqrt(B / B0) * sqrt(d0 / depth) * (T / T0) ** (-exponent)
 

@@ -1,6 +1,6 @@
 """The YAML schema of a pretraining run (pydantic v2, unknown keys refused everywhere).
 
-One file, eight sections plus two top-level keys (see ``README_SECTION.md`` for the table):
+Eight sections plus two top-level keys:
 
     seed, precision
     model        shape, tokenizer, normalization, position embedding, MoE block
@@ -12,52 +12,41 @@ One file, eight sections plus two top-level keys (see ``README_SECTION.md`` for 
     checkpoint   save, load, save_interval, format
     logging      log_interval, tensorboard_dir, wandb, metrics_interval
 
-Validation has two stages, both before anything else happens: pydantic checks every key, type
-and allowed value; :func:`cross_checks` then checks combinations (divisibility, optimizer vs.
-options, ...). Every problem is reported as ``key.path: message`` with the allowed values, in one
-:class:`ConfigError`.
+Each section checks its own keys and their combinations (a ``model_validator`` raising
+:class:`SectionProblems`); :func:`cross_section_problems` checks the few rules that read two
+sections. Every problem is reported as ``key.path: message`` with the allowed values, all of them
+in one :class:`ConfigError`. The allowed optimizer names and sphere / Depth-muP values come from
+``megatron_hyperball.names``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+import typing
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from megatron_hyperball import names
 from megatron_hyperball.config import lr_law
-from megatron_hyperball.models.depth_mup import BLOCK_OUTPUT_SCALES, parse_block_output_scale, \
-    resolve_block_output_scale
-from megatron_hyperball.optim.sphere import RADIUS_MODES, check_radius, check_update_norm
 
 __all__ = [
-    "ConfigError", "HyperballConfig", "ModelConfig", "TokenizerConfig", "MoEConfig", "ParallelismConfig",
-    "DataConfig", "LRLawConfig", "OptimizerSection", "ScheduleConfig", "HyperPConfig", "CheckpointConfig",
-    "WandbConfig", "LoggingConfig", "OPTIMIZER_NAMES", "OPTIMIZER_ALIASES", "SPHERE_OPTIMIZERS",
-    "canonical_optimizer", "validate_config", "cross_checks",
+    "ConfigError", "SectionProblems", "HyperballConfig", "ModelConfig", "TokenizerConfig", "MoEConfig",
+    "ParallelismConfig", "DataConfig", "LRLawConfig", "OptimizerSection", "ScheduleConfig", "HyperPConfig",
+    "CheckpointConfig", "WandbConfig", "LoggingConfig", "validate_config", "cross_section_problems",
 ]
 
-# canonical name -> the --optimizer value Megatron's argparse accepts
-OPTIMIZER_NAMES = {"adamw": "adam", "muon": "muon", "adamh": "adam", "muonh": "muon"}
-OPTIMIZER_ALIASES = {"adam": "adamw", "adam_hyperball": "adamh", "muon_hyperball": "muonh"}
-SPHERE_OPTIMIZERS = ("adamh", "muonh")
-MUON_OPTIMIZERS = ("muon", "muonh")
-
-
-def _allowed_optimizers() -> str:
-    names = list(OPTIMIZER_NAMES) + [f"{a} (= {c})" for a, c in OPTIMIZER_ALIASES.items()]
-    return ", ".join(names)
-
-
-def canonical_optimizer(name: Any) -> str:
-    """'adam' -> 'adamw', 'adam_hyperball' -> 'adamh', ...; ValueError naming the allowed names."""
-    if not isinstance(name, str):
-        raise ValueError(f"optimizer name must be a string; allowed: {_allowed_optimizers()}")
-    key = name.strip().lower()
-    key = OPTIMIZER_ALIASES.get(key, key)
-    if key not in OPTIMIZER_NAMES:
-        raise ValueError(f"unknown optimizer {name!r}; allowed: {_allowed_optimizers()}")
-    return key
+_SPHERE = ", ".join(names.HYPERBALL_OPTIMIZERS)
+_MUON = ", ".join(n for n, o in names.OPTIMIZERS.items() if o.muon)
 
 
 class ConfigError(ValueError):
@@ -71,8 +60,49 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config{where}:\n" + "\n".join(lines))
 
 
+class SectionProblems(ValueError):
+    """Raised by a section's validator: (key path relative to the section, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{k}: {m}" for k, m in self.problems))
+
+
+def _number_from_string(value: Any) -> Any:
+    """'1e-2' -> 0.01: YAML 1.1 reads exponent notation without a dot as a string. Other strings
+    are left for the strict float check to refuse."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+Num = Annotated[float, BeforeValidator(_number_from_string)]
+"""A finite float: ints and numeric strings are accepted, booleans are not (strict mode)."""
+
+SEED_MAX = 2**32 - 1  # numpy's seed range (Megatron seeds numpy with seed + 100 * pipeline rank)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+    # strict: no bool for a number, no float for an integer count, no number for a string;
+    # allow_inf_nan=False: every float is finite
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), strict=True,
+                              allow_inf_nan=False)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Combinations of this section's keys that are invalid, as (relative key, message)."""
+        return []
+
+    @model_validator(mode="after")
+    def _check_section(self, info: ValidationInfo):
+        if info.context and info.context.get("fields_only"):
+            return self
+        p = self.problems()
+        if p:
+            raise SectionProblems(p)
+        return self
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -96,11 +126,16 @@ class MoEConfig(_Section):
     """SqrtGate (HyperP): gates g -> sqrt(g) after the top-k softmax."""
     router_sphere: Literal["frobenius", "row", "none"] = "none"
     """frobenius: the router is a sphere matrix of the optimizer (HyperP); row: unit-norm rows (MD)."""
-    aux_loss_coeff: float = Field(0.0, ge=0)
+    aux_loss_coeff: Num = Field(0.0, ge=0)
     token_dispatcher: Literal["allgather", "alltoall", "flex"] = "allgather"
     grouped_gemm: bool = False
     layer_freq: int = Field(1, ge=1)
     """One MoE layer every layer_freq layers (Megatron's --moe-layer-freq)."""
+
+    def problems(self):
+        if self.topk > self.num_experts:
+            return [("topk", f"{self.topk} > model.moe.num_experts={self.num_experts}")]
+        return []
 
 
 class ModelConfig(_Section):
@@ -117,7 +152,7 @@ class ModelConfig(_Section):
     """Only with tokenizer.type null_tokenizer (required there) or tiktoken; other tokenizers know their size."""
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    norm_epsilon: float = Field(1e-5, gt=0)
+    norm_epsilon: Num = Field(1e-5, gt=0)
     position_embedding: Literal["rope", "learned_absolute", "none"] = "rope"
     rotary_base: int = Field(10000, ge=1)
     swiglu: bool = True
@@ -125,9 +160,9 @@ class ModelConfig(_Section):
     """Biases in the linear layers (False: --disable-bias-linear)."""
     qk_layernorm: bool = False
     tie_embeddings: bool = False
-    init_method_std: float = Field(0.02, gt=0)
-    hidden_dropout: float = Field(0.0, ge=0, lt=1)
-    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    init_method_std: Num = Field(0.02, gt=0)
+    hidden_dropout: Num = Field(0.0, ge=0, lt=1)
+    attention_dropout: Num = Field(0.0, ge=0, lt=1)
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """auto: Transformer Engine when importable, else Megatron's local modules."""
     moe: Optional[MoEConfig] = None
@@ -143,6 +178,41 @@ class ModelConfig(_Section):
         if self.swiglu:
             return int((4 * self.hidden_size * 2 / 3) / 64) * 64
         return 4 * self.hidden_size
+
+    def problems(self):
+        p = []
+        if self.hidden_size % self.num_attention_heads:
+            p.append(("hidden_size", f"{self.hidden_size} is not divisible by model.num_attention_heads="
+                                     f"{self.num_attention_heads}; allowed: a multiple of it"))
+        elif self.position_embedding == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
+            head = self.hidden_size // self.num_attention_heads
+            p.append(("hidden_size", f"{self.hidden_size} / model.num_attention_heads={self.num_attention_heads} "
+                                     f"= head dimension {head}, which is odd: RoPE rotates pairs of channels; "
+                                     f"allowed with position_embedding 'rope': an even head dimension"))
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            p.append(("num_query_groups", f"{self.num_query_groups} does not divide model.num_attention_heads="
+                                          f"{self.num_attention_heads}; allowed: a divisor of it"))
+        if self.resolved_ffn_hidden_size() < 1:
+            p.append(("ffn_hidden_size", f"not set and Megatron's swiglu default int(8h/3/64)*64 is 0 for "
+                                         f"hidden_size={self.hidden_size}; set it explicitly"))
+        if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_length:
+            p.append(("max_position_embeddings", f"{self.max_position_embeddings} < model.seq_length="
+                                                 f"{self.seq_length}; allowed: >= seq_length"))
+        # tokenizer / vocabulary
+        tok, vocab = self.tokenizer, self.vocab_size
+        if tok.type == "null_tokenizer" and vocab is None:
+            p.append(("vocab_size", "required with model.tokenizer.type 'null_tokenizer'"))
+        if tok.type == "byte" and vocab not in (None, 257):
+            p.append(("vocab_size", f"{vocab} with the byte tokenizer, whose vocabulary is 257 "
+                                    f"(256 bytes + eod); allowed: leave it out"))
+        if tok.type not in ("byte", "null_tokenizer", "tiktoken") and vocab is not None:
+            p.append(("vocab_size", f"set with model.tokenizer.type '{tok.type}', which defines its own "
+                                    f"vocabulary; allowed: leave it out"))
+        if tok.type in ("huggingface", "sentencepiece", "tiktoken") and not tok.model:
+            p.append(("tokenizer.model", f"required with model.tokenizer.type '{tok.type}'"))
+        if tok.type == "gpt2bpe" and not (tok.vocab_file and tok.merge_file):
+            p.append(("tokenizer", "type 'gpt2bpe' needs vocab_file and merge_file"))
+        return p
 
 
 # -- parallelism, data -----------------------------------------------------------------------------
@@ -162,13 +232,18 @@ class ParallelismConfig(_Section):
             raise ValueError(f"world size {world_size} is not divisible by parallelism.tp * parallelism.pp = {mp}")
         return world_size // mp
 
+    def problems(self):
+        if self.sequence_parallel and self.tp == 1:
+            return [("sequence_parallel", "needs parallelism.tp > 1")]
+        return []
+
 
 class DataConfig(_Section):
     data_path: Any = "embedded"
     """'embedded' (the Python-stdlib byte corpus, see data/prepare.py) or Megatron data prefixes:
     one string or a list, optionally weighted ('0.3 /p/a 0.7 /p/b' / ['0.3', '/p/a', ...])."""
     embedded_dir: str = "data/pystdlib"
-    embedded_max_mb: float = Field(20.0, gt=0)
+    embedded_max_mb: Num = Field(20.0, gt=0)
     split: Optional[str] = None
     """Megatron's --split for your own data_path (default '969,30,1'); the embedded corpus has
     its own held-out validation prefix."""
@@ -177,21 +252,32 @@ class DataConfig(_Section):
     @field_validator("data_path", mode="before")
     @classmethod
     def _data_path(cls, v):
+        allowed = ("allowed: 'embedded', a prefix, or a list of prefixes optionally with weights "
+                   "(['0.3', '/data/a', '0.7', '/data/b'])")
         if isinstance(v, str):
             v = v.strip()
             if not v:
-                raise ValueError("data_path is empty; allowed: 'embedded', a prefix, or a list of prefixes")
-            return v if v == "embedded" else v.split()
-        if isinstance(v, list) and v and all(isinstance(x, (str, int, float)) for x in v):
-            return [str(x) for x in v]
-        raise ValueError("data_path must be 'embedded', a prefix string, or a non-empty list of prefixes "
-                         "(optionally with weights)")
+                raise ValueError(f"data_path is empty; {allowed}")
+            if v == "embedded":
+                return v
+            v = v.split()
+        elif isinstance(v, list) and v and all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
+                                               for x in v):
+            v = [str(x).strip() for x in v]
+        else:
+            raise ValueError(f"data_path={v!r} is not a prefix or a list of prefixes; {allowed}")
+        if any(not x for x in v):
+            raise ValueError(f"data_path={v!r} has an empty entry; {allowed}")
+        data_blend(v)  # raises ValueError on a malformed weighted list
+        return v
 
-    @field_validator("split")
+    @field_validator("split", mode="before")
     @classmethod
     def _split(cls, v):
         if v is None:
             return v
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError(f"split={v!r} must be comma-separated numbers like '969,30,1'")
         parts = str(v).replace("/", ",").split(",")
         try:
             nums = [float(x) for x in parts]
@@ -202,52 +288,85 @@ class DataConfig(_Section):
                              f"like '969,30,1'")
         return str(v)
 
+    def prefixes(self) -> list[str]:
+        """The data prefixes of ``data_path`` (weights dropped); [] for 'embedded'."""
+        return [] if self.embedded else data_blend(self.data_path)[0]
+
     @property
     def embedded(self) -> bool:
         return self.data_path == "embedded"
+
+    def problems(self):
+        if self.embedded and self.split is not None:
+            return [("split", "set with data.data_path 'embedded', which has its own held-out "
+                              "validation prefix; allowed: leave it out")]
+        return []
+
+
+def data_blend(items: list[str]) -> tuple[list[str], Optional[list[float]]]:
+    """(prefixes, weights or None) of a Megatron ``--data-path`` list, read as Megatron's
+    ``get_blend_from_list`` reads it: an even-length list whose every other entry (from the first)
+    is a number is weighted; otherwise every entry is a prefix. ValueError for a mix, or for weights
+    that are not positive finite numbers."""
+    if len(items) % 2 == 0:
+        weights = []
+        for w in items[0::2]:
+            try:
+                weights.append(float(w))
+            except ValueError:
+                weights.append(None)
+        numeric = [w is not None for w in weights]
+        if all(numeric):
+            if not all(math.isfinite(w) and w > 0 for w in weights):
+                raise ValueError(f"data_path weights {items[0::2]} must be positive finite numbers")
+            return list(items[1::2]), weights
+        if any(numeric):
+            raise ValueError(f"data_path={items!r} mixes weights and prefixes; allowed: all prefixes, or "
+                             f"weight prefix pairs ['0.3', '/data/a', '0.7', '/data/b']")
+    return list(items), None
 
 
 # -- optimizer, schedule ---------------------------------------------------------------------------
 class LRLawConfig(_Section):
     """lr = eta0 * sqrt(B/B0) * sqrt(d0/depth) * (T/T0)^(-exponent)."""
 
-    eta0: float = Field(gt=0)
-    B0: float = Field(lr_law.DEFAULT_B0, gt=0)
+    eta0: Num = Field(gt=0)
+    B0: Num = Field(lr_law.DEFAULT_B0, gt=0)
     """Base tokens per batch."""
-    d0: float = Field(lr_law.DEFAULT_D0, gt=0)
+    d0: Num = Field(lr_law.DEFAULT_D0, gt=0)
     """Base depth (layers)."""
-    T0: float = Field(lr_law.DEFAULT_T0, gt=0)
+    T0: Num = Field(lr_law.DEFAULT_T0, gt=0)
     """Base total training tokens."""
-    exponent: float = lr_law.DEFAULT_EXPONENT
+    exponent: Num = lr_law.DEFAULT_EXPONENT
 
 
 class OptimizerSection(_Section):
     name: str
-    lr: Optional[float] = Field(None, gt=0)
+    lr: Optional[Num] = Field(None, gt=0)
     lr_law: Optional[LRLawConfig] = None
-    min_lr: Optional[float] = Field(None, ge=0)
+    min_lr: Optional[Num] = Field(None, ge=0)
     """Absolute final lr; default min_lr_ratio * lr."""
-    min_lr_ratio: Optional[float] = Field(None, ge=0, le=1)
+    min_lr_ratio: Optional[Num] = Field(None, ge=0, le=1)
     """Final lr as a fraction of lr (default 0.1: linear decay to 0.1 lr, HyperP)."""
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: Num = Field(0.0, ge=0)
     """Decoupled weight decay of the Adam groups (embeddings, output layer; with adamw/muon also
     the matrices). Norm gains and biases never take weight decay (Megatron's rule)."""
-    sphere_weight_decay: float = Field(0.0, ge=0)
+    sphere_weight_decay: Num = Field(0.0, ge=0)
     """Weight decay on sphere matrices: must be 0 (a first-order no-op on the sphere)."""
     radius: Any = None
-    """Sphere optimizers: 'init' (default), 'sqrt_max_dim' or a positive number."""
+    """Hyperball optimizers: 'init' (default), 'sqrt_max_dim' or a positive number."""
     update_norm: Optional[str] = None
-    """Sphere optimizers: 'exact' (default) or 'shape'."""
+    """Hyperball optimizers: 'exact' (default) or 'shape'."""
     output_layer_on_sphere: bool = False
     """adamh: put the output layer on a sphere too (HyperP, Marin)."""
-    embedding_lr: Optional[float] = Field(None, gt=0)
-    output_lr: Optional[float] = Field(None, gt=0)
-    scalar_lr: Optional[float] = Field(None, gt=0)
+    embedding_lr: Optional[Num] = Field(None, gt=0)
+    output_lr: Optional[Num] = Field(None, gt=0)
+    scalar_lr: Optional[Num] = Field(None, gt=0)
     """lr of 1-D parameters (norm gains, biases)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    clip_grad: float = Field(1.0, ge=0)
-    momentum: Optional[float] = Field(None, ge=0, lt=1)
+    betas: tuple[Num, Num] = (0.9, 0.95)
+    eps: Num = Field(1e-8, gt=0)
+    clip_grad: Num = Field(1.0, ge=0)
+    momentum: Optional[Num] = Field(None, ge=0, lt=1)
     """muon / muonh momentum (default 0.95)."""
     nesterov: Optional[bool] = None
     """muon / muonh Nesterov momentum (default true)."""
@@ -257,23 +376,22 @@ class OptimizerSection(_Section):
     @field_validator("name", mode="before")
     @classmethod
     def _name(cls, v):
-        return canonical_optimizer(v)
+        return names.canonical_optimizer(v)
 
     @field_validator("radius")
     @classmethod
     def _radius(cls, v):
-        if v is None:
-            return v
-        try:
-            return check_radius(v)
-        except ValueError as e:
-            msg = str(e)
-            raise ValueError(msg if "allowed" in msg else f"{msg}; allowed: {', '.join(RADIUS_MODES)}") from None
+        return v if v is None else names.check_radius(v)
 
     @field_validator("update_norm", mode="before")
     @classmethod
     def _update_norm(cls, v):
-        return v if v is None else check_update_norm(v)
+        return v if v is None else names.check_update_norm(v)
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_list(cls, v):
+        return tuple(v) if isinstance(v, list) else v  # YAML has lists, not tuples
 
     @field_validator("betas")
     @classmethod
@@ -284,11 +402,37 @@ class OptimizerSection(_Section):
 
     @property
     def sphere(self) -> bool:
-        return self.name in SPHERE_OPTIMIZERS
+        """A hyperball optimizer: the weight matrices live on spheres."""
+        return names.OPTIMIZERS[self.name].sphere
 
     @property
     def muon_family(self) -> bool:
-        return self.name in MUON_OPTIMIZERS
+        return names.OPTIMIZERS[self.name].muon
+
+    def problems(self):
+        p = []
+        if (self.lr is None) == (self.lr_law is None):
+            p.append(("lr", "set exactly one of optimizer.lr and optimizer.lr_law "
+                            + ("(both are set)" if self.lr is not None else "(neither is set)")))
+        if self.min_lr is not None and self.min_lr_ratio is not None:
+            p.append(("min_lr", "set at most one of optimizer.min_lr and optimizer.min_lr_ratio"))
+        if self.sphere_weight_decay != 0:
+            why = ("weight decay is a first-order no-op on the sphere, so sphere matrices take none"
+                   if self.sphere else f"optimizer '{self.name}' has no sphere matrices (use optimizer.weight_decay)")
+            p.append(("sphere_weight_decay", f"{self.sphere_weight_decay}: {why}; allowed: 0"))
+        if not self.sphere:
+            for key in ("radius", "update_norm"):
+                if getattr(self, key) is not None:
+                    p.append((key, f"set for optimizer '{self.name}', which has no spheres; allowed "
+                                   f"only with {_SPHERE}"))
+        if self.output_layer_on_sphere and self.name != "adamh":
+            p.append(("output_layer_on_sphere", f"true with optimizer '{self.name}'; allowed only with "
+                                                f"adamh (muonh gives the output layer Adam)"))
+        if not self.muon_family:
+            for key in ("momentum", "nesterov", "ns_steps"):
+                if getattr(self, key) is not None:
+                    p.append((key, f"set for optimizer '{self.name}'; allowed only with {_MUON}"))
+        return p
 
 
 class ScheduleConfig(_Section):
@@ -300,9 +444,32 @@ class ScheduleConfig(_Section):
     decay_style: Literal["linear", "cosine", "constant", "WSD", "inverse-square-root"] = "linear"
     decay_iters: Optional[int] = Field(None, ge=1)
     """Default: train_iters."""
+    wsd_decay_iters: Optional[int] = Field(None, ge=1)
+    """decay_style WSD only (required there): the final iterations of the decay that anneal."""
     eval_interval: Optional[int] = Field(None, ge=1)
     """Default: train_iters (one evaluation at the end)."""
     eval_iters: int = Field(10, ge=0)
+
+    def problems(self):
+        p = []
+        if self.global_batch_size % self.micro_batch_size:
+            p.append(("global_batch_size", f"{self.global_batch_size} is not divisible by "
+                                           f"schedule.micro_batch_size={self.micro_batch_size}"))
+        if self.warmup_iters >= self.train_iters and self.warmup_iters > 0:
+            p.append(("warmup_iters", f"{self.warmup_iters} >= schedule.train_iters={self.train_iters}"))
+        if self.decay_iters is not None and self.decay_iters <= self.warmup_iters:
+            p.append(("decay_iters", f"{self.decay_iters} <= schedule.warmup_iters={self.warmup_iters}"))
+        decay = self.decay_iters or self.train_iters
+        if self.decay_style == "WSD" and self.wsd_decay_iters is None:
+            p.append(("wsd_decay_iters", "required with schedule.decay_style 'WSD'; allowed: an integer in "
+                                         f"[1, {decay}] (the annealing phase at the end of the decay)"))
+        if self.decay_style != "WSD" and self.wsd_decay_iters is not None:
+            p.append(("wsd_decay_iters", f"set with schedule.decay_style '{self.decay_style}'; allowed only "
+                                         f"with 'WSD'"))
+        if self.decay_style == "WSD" and self.wsd_decay_iters is not None and self.wsd_decay_iters > decay:
+            p.append(("wsd_decay_iters", f"{self.wsd_decay_iters} > the decay length {decay} (schedule.decay_iters,"
+                                         f" default train_iters); allowed: an integer in [1, {decay}]"))
+        return p
 
 
 class HyperPConfig(_Section):
@@ -313,7 +480,7 @@ class HyperPConfig(_Section):
     @field_validator("block_output_scale")
     @classmethod
     def _scale(cls, v):
-        parsed = parse_block_output_scale(v)
+        parsed = names.parse_block_output_scale(v)
         return "none" if parsed is None else parsed
 
 
@@ -323,6 +490,11 @@ class CheckpointConfig(_Section):
     save_interval: Optional[int] = Field(None, ge=1)
     """Default with save: train_iters (save at the end)."""
     format: Literal["torch_dist", "torch"] = "torch_dist"
+
+    def problems(self):
+        if self.save_interval is not None and self.save is None:
+            return [("save_interval", "set without checkpoint.save")]
+        return []
 
 
 class WandbConfig(_Section):
@@ -340,6 +512,11 @@ class WandbConfig(_Section):
             return self.mode
         return "online" if self.project else "offline"
 
+    def problems(self):
+        if self.mode == "online" and not self.project:
+            return [("project", "required with logging.wandb.mode 'online'")]
+        return []
+
 
 class LoggingConfig(_Section):
     log_interval: int = Field(10, ge=1)
@@ -352,7 +529,8 @@ class LoggingConfig(_Section):
 
 
 class HyperballConfig(_Section):
-    seed: int = 1234
+    seed: int = Field(1234, ge=1, le=SEED_MAX)
+    """Megatron seeds nothing for seed <= 0; numpy needs seed + 100 * (pp - 1) < 2**32."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     model: ModelConfig
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
@@ -362,6 +540,9 @@ class HyperballConfig(_Section):
     hyperp: HyperPConfig = Field(default_factory=HyperPConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def problems(self):
+        return cross_section_problems(self)
 
     # -- resolved values -------------------------------------------------------------------------
     def lr_law_result(self) -> Optional[lr_law.LRLawResult]:
@@ -390,7 +571,7 @@ class HyperballConfig(_Section):
 
     def block_output_alpha(self) -> Optional[float]:
         """Depth-muP alpha, or None when off."""
-        return resolve_block_output_scale(self.hyperp.block_output_scale, self.model.num_layers)
+        return names.resolve_block_output_scale(self.hyperp.block_output_scale, self.model.num_layers)
 
     def resolved_metrics_interval(self) -> int:
         """Interval of the instability indicators (logging.metrics_interval or log_interval)."""
@@ -405,135 +586,67 @@ class HyperballConfig(_Section):
         return f"{head}; min_lr = {self.resolved_min_lr():.6g} ({self.schedule.decay_style} decay)"
 
 
-# -- combinations -----------------------------------------------------------------------------------
-def cross_checks(cfg: HyperballConfig) -> list[tuple[str, str]]:
-    """Problems with combinations of keys, as (key path, message); empty when fine."""
+# -- rules across sections --------------------------------------------------------------------------
+_SECTIONS = ("model", "parallelism", "data", "optimizer", "schedule", "hyperp", "checkpoint", "logging")
+
+
+def cross_section_problems(cfg: HyperballConfig) -> list[tuple[str, str]]:
+    """Problems between sections, as (key path, message). A section that is None (a key of it is
+    invalid) is skipped, with every rule that reads it."""
     p: list[tuple[str, str]] = []
-    m, par, opt, sch = cfg.model, cfg.parallelism, cfg.optimizer, cfg.schedule
-
-    # model shape
-    if m.hidden_size % m.num_attention_heads:
-        p.append(("model.hidden_size", f"{m.hidden_size} is not divisible by model.num_attention_heads="
-                                       f"{m.num_attention_heads}; allowed: a multiple of it"))
-    if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
-        p.append(("model.num_query_groups", f"{m.num_query_groups} does not divide model.num_attention_heads="
-                                            f"{m.num_attention_heads}; allowed: a divisor of it"))
-    ffn = m.resolved_ffn_hidden_size()
-    if ffn < 1:
-        p.append(("model.ffn_hidden_size", f"not set and Megatron's swiglu default int(8h/3/64)*64 is 0 for "
-                                           f"hidden_size={m.hidden_size}; set it explicitly"))
-    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
-        p.append(("model.max_position_embeddings", f"{m.max_position_embeddings} < model.seq_length="
-                                                   f"{m.seq_length}; allowed: >= seq_length"))
-
-    # tokenizer / vocabulary
-    tok = m.tokenizer
-    if tok.type == "null_tokenizer" and m.vocab_size is None:
-        p.append(("model.vocab_size", "required with model.tokenizer.type 'null_tokenizer'"))
-    if tok.type == "byte" and m.vocab_size not in (None, 257):
-        p.append(("model.vocab_size", f"{m.vocab_size} with the byte tokenizer, whose vocabulary is 257 "
-                                      f"(256 bytes + eod); allowed: leave it out"))
-    if tok.type not in ("byte", "null_tokenizer", "tiktoken") and m.vocab_size is not None:
-        p.append(("model.vocab_size", f"set with model.tokenizer.type '{tok.type}', which defines its own "
-                                      f"vocabulary; allowed: leave it out"))
-    if tok.type in ("huggingface", "sentencepiece", "tiktoken") and not tok.model:
-        p.append(("model.tokenizer.model", f"required with model.tokenizer.type '{tok.type}'"))
-    if tok.type == "gpt2bpe" and not (tok.vocab_file and tok.merge_file):
-        p.append(("model.tokenizer", "type 'gpt2bpe' needs vocab_file and merge_file"))
-    if cfg.data.embedded and tok.type != "byte":
-        p.append(("model.tokenizer.type", f"'{tok.type}' with data.data_path 'embedded', a byte-level corpus; "
-                                          f"allowed: 'byte' (or point data.data_path at your own data)"))
-    if cfg.data.embedded and cfg.data.split is not None:
-        p.append(("data.split", "set with data.data_path 'embedded', which has its own held-out "
-                                "validation prefix; allowed: leave it out"))
-
-    # parallelism
-    if m.num_attention_heads % par.tp:
-        p.append(("parallelism.tp", f"{par.tp} does not divide model.num_attention_heads="
-                                    f"{m.num_attention_heads}; allowed: a divisor of it"))
-    if m.num_query_groups is not None and m.num_query_groups % par.tp:
-        p.append(("parallelism.tp", f"{par.tp} does not divide model.num_query_groups={m.num_query_groups}"))
-    if ffn >= 1 and ffn % par.tp:
-        p.append(("parallelism.tp", f"{par.tp} does not divide the MLP hidden size {ffn}"))
-    if m.num_layers % par.pp:
-        p.append(("parallelism.pp", f"{par.pp} does not divide model.num_layers={m.num_layers}; "
-                                    f"allowed: a divisor of it"))
-    if par.sequence_parallel and par.tp == 1:
-        p.append(("parallelism.sequence_parallel", "needs parallelism.tp > 1"))
-    if par.sequence_parallel and m.seq_length % par.tp:
-        p.append(("parallelism.sequence_parallel", f"model.seq_length={m.seq_length} is not divisible by "
-                                                   f"parallelism.tp={par.tp}"))
-    if par.ep > 1 and m.moe is None:
-        p.append(("parallelism.ep", f"{par.ep} without model.moe; allowed: 1 for a dense model"))
-    if m.moe is not None:
-        moe = m.moe
-        if moe.topk > moe.num_experts:
-            p.append(("model.moe.topk", f"{moe.topk} > model.moe.num_experts={moe.num_experts}"))
-        if moe.num_experts % par.ep:
-            p.append(("parallelism.ep", f"{par.ep} does not divide model.moe.num_experts={moe.num_experts}"))
-        if moe.router_sphere == "frobenius" and not opt.sphere:
+    m, par, data, opt = cfg.model, cfg.parallelism, cfg.data, cfg.optimizer
+    if m is not None and data is not None and data.embedded and m.tokenizer.type != "byte":
+        p.append(("model.tokenizer.type", f"'{m.tokenizer.type}' with data.data_path 'embedded', a byte-level "
+                                          f"corpus; allowed: 'byte' (or point data.data_path at your own data)"))
+    if m is not None and par is not None:
+        if m.num_attention_heads % par.tp:
+            p.append(("parallelism.tp", f"{par.tp} does not divide model.num_attention_heads="
+                                        f"{m.num_attention_heads}; allowed: a divisor of it"))
+        if m.num_query_groups is not None and m.num_query_groups % par.tp:
+            p.append(("parallelism.tp", f"{par.tp} does not divide model.num_query_groups={m.num_query_groups}"))
+        if m.resolved_ffn_hidden_size() % par.tp:
+            p.append(("parallelism.tp", f"{par.tp} does not divide the MLP hidden size {m.resolved_ffn_hidden_size()}"))
+        if m.num_layers % par.pp:
+            p.append(("parallelism.pp", f"{par.pp} does not divide model.num_layers={m.num_layers}; "
+                                        f"allowed: a divisor of it"))
+        if par.sequence_parallel and m.seq_length % par.tp:
+            p.append(("parallelism.sequence_parallel", f"model.seq_length={m.seq_length} is not divisible by "
+                                                       f"parallelism.tp={par.tp}"))
+        if par.ep > 1 and m.moe is None:
+            p.append(("parallelism.ep", f"{par.ep} without model.moe; allowed: 1 for a dense model"))
+        if m.moe is not None and m.moe.num_experts % par.ep:
+            p.append(("parallelism.ep", f"{par.ep} does not divide model.moe.num_experts={m.moe.num_experts}"))
+    if m is not None and opt is not None:
+        if m.moe is not None and m.moe.router_sphere == "frobenius" and not opt.sphere:
             p.append(("model.moe.router_sphere", f"'frobenius' makes the router a sphere matrix of the "
-                                                 f"optimizer, but optimizer.name is '{opt.name}'; allowed with "
-                                                 f"it: 'row', 'none' (or use {' / '.join(SPHERE_OPTIMIZERS)})"))
-
-    # optimizer
-    if (opt.lr is None) == (opt.lr_law is None):
-        p.append(("optimizer.lr", "set exactly one of optimizer.lr and optimizer.lr_law "
-                                  + ("(both are set)" if opt.lr is not None else "(neither is set)")))
-    if opt.min_lr is not None and opt.min_lr_ratio is not None:
-        p.append(("optimizer.min_lr", "set at most one of optimizer.min_lr and optimizer.min_lr_ratio"))
-    if opt.sphere_weight_decay != 0:
-        why = ("weight decay is a first-order no-op on the sphere, so sphere matrices take none"
-               if opt.sphere else f"optimizer '{opt.name}' has no sphere matrices (use optimizer.weight_decay)")
-        p.append(("optimizer.sphere_weight_decay", f"{opt.sphere_weight_decay}: {why}; allowed: 0"))
-    if not opt.sphere:
-        for key in ("radius", "update_norm"):
-            if getattr(opt, key) is not None:
-                p.append((f"optimizer.{key}", f"set for optimizer '{opt.name}', which has no spheres; allowed "
-                                              f"only with {', '.join(SPHERE_OPTIMIZERS)}"))
-    if opt.output_layer_on_sphere and opt.name != "adamh":
-        p.append(("optimizer.output_layer_on_sphere", f"true with optimizer '{opt.name}'; allowed only with "
-                                                      f"adamh (muonh gives the output layer Adam)"))
-    if not opt.muon_family:
-        for key in ("momentum", "nesterov", "ns_steps"):
-            if getattr(opt, key) is not None:
-                p.append((f"optimizer.{key}", f"set for optimizer '{opt.name}'; allowed only with muon, muonh"))
-    if m.tie_embeddings and opt.output_lr is not None:
-        p.append(("optimizer.output_lr", "set with model.tie_embeddings true: the output layer is the "
-                                         "embedding; allowed: optimizer.embedding_lr only"))
-    if m.tie_embeddings and opt.output_layer_on_sphere:
-        p.append(("optimizer.output_layer_on_sphere", "true with model.tie_embeddings true (the output layer "
-                                                      "is the embedding, which is never on a sphere)"))
-    if not p:  # the resolved lr needs a valid shape/optimizer
-        lr = cfg.resolved_lr()
-        if opt.min_lr is not None and opt.min_lr > lr:
-            p.append(("optimizer.min_lr", f"{opt.min_lr} > resolved lr {lr:.6g}"))
-
-    # schedule
-    if sch.global_batch_size % sch.micro_batch_size:
-        p.append(("schedule.global_batch_size", f"{sch.global_batch_size} is not divisible by "
-                                                f"schedule.micro_batch_size={sch.micro_batch_size}"))
-    if sch.warmup_iters >= sch.train_iters and sch.warmup_iters > 0:
-        p.append(("schedule.warmup_iters", f"{sch.warmup_iters} >= schedule.train_iters={sch.train_iters}"))
-    if sch.decay_iters is not None and sch.decay_iters <= sch.warmup_iters:
-        p.append(("schedule.decay_iters", f"{sch.decay_iters} <= schedule.warmup_iters={sch.warmup_iters}"))
-
-    # hyperp: the laws need a depth (num_layers >= 1 is enforced above; kept for clarity)
-    try:
-        cfg.block_output_alpha()
-    except ValueError as e:
-        p.append(("hyperp.block_output_scale", f"{e}; allowed: {', '.join(BLOCK_OUTPUT_SCALES)}"))
-
-    # checkpoint, logging
-    ck = cfg.checkpoint
-    if ck.save_interval is not None and ck.save is None:
-        p.append(("checkpoint.save_interval", "set without checkpoint.save"))
-    wb = cfg.logging.wandb
-    if wb.mode == "online" and not wb.project:
-        p.append(("logging.wandb.project", "required with logging.wandb.mode 'online'"))
+                                                 f"optimizer, but optimizer.name is '{opt.name}'; allowed with it: "
+                                                 f"'row', 'none' (or use {' / '.join(names.HYPERBALL_OPTIMIZERS)})"))
+        if m.tie_embeddings and opt.output_lr is not None:
+            p.append(("optimizer.output_lr", "set with model.tie_embeddings true: the output layer is the "
+                                             "embedding; allowed: optimizer.embedding_lr only"))
+        if m.tie_embeddings and opt.output_layer_on_sphere:
+            p.append(("optimizer.output_layer_on_sphere", "true with model.tie_embeddings true (the output "
+                                                          "layer is the embedding, which is never on a sphere)"))
+        lr_set = (opt.lr is None) != (opt.lr_law is None)  # else the optimizer section says so
+        if cfg.schedule is not None and lr_set:
+            try:
+                lr = cfg.resolved_lr()
+            except (ValueError, OverflowError, ZeroDivisionError) as e:
+                lr = None
+                p.append(("optimizer.lr_law", f"does not resolve: {e}"))
+            if lr is not None and not (math.isfinite(lr) and lr > 0):
+                p.append(("optimizer.lr_law", f"resolves to lr = {lr!r}; allowed: values for which the law gives "
+                                              f"a positive finite lr"))
+            elif lr is not None and opt.min_lr is not None and opt.min_lr > lr:
+                p.append(("optimizer.min_lr", f"{opt.min_lr} > resolved lr {lr:.6g}; allowed: <= the lr"))
+    if par is not None and cfg.seed is not None and cfg.seed + 100 * (par.pp - 1) > SEED_MAX:
+        p.append(("seed", f"{cfg.seed} + 100 * (parallelism.pp - 1) exceeds numpy's seed range 2**32 - 1 "
+                          f"(Megatron seeds each pipeline stage with seed + 100 * stage); allowed: "
+                          f"1 .. {SEED_MAX - 100 * (par.pp - 1)}"))
     return p
 
 
+# -- pydantic errors -> (key path, message) ----------------------------------------------------------
 def _section_fields(loc: tuple) -> list[str]:
     """The allowed keys of the section at ``loc`` (for 'unknown key' messages)."""
     model: Any = HyperballConfig
@@ -551,16 +664,71 @@ def _section_fields(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _field_at(loc: tuple):
+    """The pydantic FieldInfo of the key at ``loc`` (None past a non-section)."""
+    model: Any = HyperballConfig
+    info = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        info = fields[part]
+        args = typing.get_args(info.annotation)
+        model = next((c for c in (info.annotation, *args) if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return info
+
+
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _allowed(info) -> Optional[str]:
+    """'an integer >= 1', 'a number > 0 or null', 'true or false', ... for a field."""
+    ann = info.annotation
+    args = typing.get_args(ann)
+    optional = type(None) in args
+    if optional:
+        ann = next(a for a in args if a is not type(None))
+    if typing.get_origin(ann) is Annotated:
+        ann = typing.get_args(ann)[0]
+    bounds = []
+    for meta in info.metadata:
+        for attr, sign in _BOUNDS:
+            value = getattr(meta, attr, None)
+            if value is not None:
+                bounds.append(f"{sign} {value:g}" if isinstance(value, float) else f"{sign} {value}")
+    if ann is bool:
+        text = "true or false"
+    elif ann is int:
+        text = "an integer" + (" " + " and ".join(bounds) if bounds else "") + " (no decimal point, not a boolean)"
+    elif ann is float:
+        text = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    elif ann is str:
+        text = "a string (quote it if it looks like a number)"
+    elif typing.get_origin(ann) is Literal:
+        text = ", ".join(repr(v) for v in typing.get_args(ann))
+    elif isinstance(ann, type) and issubclass(ann, BaseModel):
+        text = f"a mapping with keys {', '.join(ann.model_fields)}"
+    elif typing.get_origin(ann) is tuple:
+        text = f"a list of {len(typing.get_args(ann))} numbers"
+    else:
+        return None
+    return text + (" or null" if optional else "")
+
+
 def _problems_from_pydantic(err: ValidationError) -> list[tuple[str, str]]:
     problems = []
     for e in err.errors(include_url=False):
         loc = tuple(str(x) for x in e["loc"])
         path = ".".join(loc)
         kind = e["type"]
+        section = e.get("ctx", {}).get("error")
+        if isinstance(section, SectionProblems):
+            problems += [(".".join(loc + (key,)) if key else path, msg) for key, msg in section.problems]
+            continue
         if kind == "extra_forbidden":
             allowed = _section_fields(loc[:-1])
-            section = ".".join(loc[:-1]) or "the top level"
-            problems.append((path, f"unknown key; allowed keys of {section}: {', '.join(allowed)}"))
+            where = ".".join(loc[:-1]) or "the top level"
+            problems.append((path, f"unknown key; allowed keys of {where}: {', '.join(allowed)}"))
             continue
         if kind == "missing":
             problems.append((path, "required key is missing"))
@@ -570,8 +738,29 @@ def _problems_from_pydantic(err: ValidationError) -> list[tuple[str, str]]:
             msg = msg[len("Value error, "):]
         if kind != "value_error":
             msg = f"{msg} (got {e.get('input')!r})"
+            info = _field_at(tuple(e["loc"]))
+            allowed = _allowed(info) if info is not None and kind != "literal_error" else None
+            if allowed and "allowed:" not in msg:
+                msg += f"; allowed: {allowed}"
         problems.append((path, msg))
     return problems
+
+
+def _valid_sections(raw: dict) -> HyperballConfig:
+    """A config (not validated as a whole) holding each section whose keys are valid (its own
+    combination rules not checked), None for the others: the cross-section rules run on those."""
+    sections = {}
+    for key in _SECTIONS:
+        field = HyperballConfig.model_fields[key]
+        value = raw.get(key) if key in raw else field.get_default(call_default_factory=True)
+        try:
+            sections[key] = (field.annotation.model_validate(value, context={"fields_only": True})
+                             if value is not None else None)
+        except ValidationError:
+            sections[key] = None
+    seed = raw.get("seed", HyperballConfig.model_fields["seed"].default)
+    sections["seed"] = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    return HyperballConfig.model_construct(**sections)
 
 
 def _depth_law_problem(raw: dict) -> list[tuple[str, str]]:
@@ -579,7 +768,7 @@ def _depth_law_problem(raw: dict) -> list[tuple[str, str]]:
     hyperp = raw.get("hyperp")
     value = hyperp.get("block_output_scale", "1/sqrt(2L)") if isinstance(hyperp, dict) else "1/sqrt(2L)"
     try:
-        parsed = parse_block_output_scale(value)
+        parsed = names.parse_block_output_scale(value)
     except ValueError:
         return []  # reported by pydantic already
     if not isinstance(parsed, str):
@@ -595,13 +784,13 @@ def validate_config(raw: Any, source: Optional[str] = None) -> HyperballConfig:
     if not isinstance(raw, dict):
         raise ConfigError([("", f"the config must be a mapping of sections, got {type(raw).__name__}")], source)
     try:
-        cfg = HyperballConfig.model_validate(raw)
+        return HyperballConfig.model_validate(raw)
     except ValidationError as e:
         problems = _problems_from_pydantic(e)
-        if any(path in ("model", "model.num_layers") for path, _ in problems):
-            problems += _depth_law_problem(raw)
-        raise ConfigError(problems, source) from None
-    problems = cross_checks(cfg)
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg
+        cross_ran = any(not err["loc"] and isinstance(err.get("ctx", {}).get("error"), SectionProblems)
+                        for err in e.errors(include_url=False))
+    if not cross_ran:  # some section failed: still report the rules between the sections that passed
+        problems += cross_section_problems(_valid_sections(raw))
+    if any(path in ("model", "model.num_layers") for path, _ in problems):
+        problems += _depth_law_problem(raw)
+    raise ConfigError(problems, source)

@@ -26,6 +26,8 @@ import re
 import warnings
 from typing import Any, Optional
 
+from megatron_hyperball.names import BLOCK_OUTPUT_SCALES, parse_block_output_scale, resolve_block_output_scale
+
 __all__ = [
     "BLOCK_OUTPUT_SCALES",
     "parse_block_output_scale",
@@ -36,60 +38,6 @@ __all__ = [
     "get_gpt_layer_spec_with_depth_mup",
     "have_transformer_engine",
 ]
-
-BLOCK_OUTPUT_SCALES = ("1/sqrt(2L)", "1/L", "<positive number>", "none")
-_OFF = {"none", "off", "false"}
-_LAWS = {"1/sqrt(2l)": "1/sqrt(2L)", "1/l": "1/L"}
-
-
-def _allowed() -> str:
-    return ", ".join(BLOCK_OUTPUT_SCALES)
-
-
-def parse_block_output_scale(value: Any) -> str | float | None:
-    """Normalise a ``block_output_scale`` setting without knowing the depth.
-
-    Returns '1/sqrt(2L)', '1/L', a positive float, or None (off). Accepts None / False / 'none' /
-    'off' for off, the two laws in any case and spacing, numbers, and numeric strings.
-    """
-    if value is None or value is False:
-        return None
-    if isinstance(value, bool):  # True: ambiguous, refuse
-        raise ValueError(f"block_output_scale={value!r} is not a scale; allowed: {_allowed()}")
-    if isinstance(value, str):
-        key = re.sub(r"\s+", "", value).lower()
-        if key in _OFF:
-            return None
-        if key in _LAWS:
-            return _LAWS[key]
-        try:
-            value = float(key)
-        except ValueError:
-            raise ValueError(f"block_output_scale={value!r} is not a scale; allowed: {_allowed()}") from None
-    if not isinstance(value, (int, float)):
-        raise ValueError(f"block_output_scale={value!r} is not a scale; allowed: {_allowed()}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"block_output_scale={value!r} must be a positive finite number; allowed: {_allowed()}")
-    return value
-
-
-def resolve_block_output_scale(value: Any, num_layers: Optional[int]) -> float | None:
-    """alpha for ``value`` (see :func:`parse_block_output_scale`) and ``num_layers`` = L; None = off.
-
-    The laws need L >= 1; a number or 'none' does not look at ``num_layers``.
-    """
-    parsed = parse_block_output_scale(value)
-    if parsed is None or isinstance(parsed, float):
-        return parsed
-    if num_layers is None or isinstance(num_layers, bool) or int(num_layers) != num_layers or num_layers < 1:
-        raise ValueError(
-            f"block_output_scale={parsed!r} needs num_layers >= 1 (got {num_layers!r}); "
-            f"use a number or 'none' otherwise"
-        )
-    L = int(num_layers)
-    return 1.0 / math.sqrt(2 * L) if parsed == "1/sqrt(2L)" else 1.0 / L
-
 
 def scaled_bias_dropout_add(alpha: float):
     """A ``self_attn_bda`` / ``mlp_bda`` factory: ``residual + dropout(alpha * (x + bias))``.

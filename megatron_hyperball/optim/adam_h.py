@@ -1,25 +1,26 @@
-"""AdamH: Adam on the Frobenius sphere (Wen et al., hyperball part 1; DESIGN.md §2).
+"""AdamH: Adam on the sphere (Wen et al., hyperball part 1; DESIGN.md §2).
 
-    m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
+    m = b1 m + (1 - b1) G,   v = b2 v + (1 - b2) G^2          base update (Adam)
     u = m_hat / (sqrt(v_hat) + eps)
-    W' = W - lr R N(u),   W_next = R N(W')         (update_norm='exact')
-    W' = W - lr u,        W_next = R N(W')         (update_norm='shape': Adam's update as is)
+    W_next = R N(W - lr R N(u))      (update_norm='exact')     sphere hook
+    W_next = R N(W - lr u)           (update_norm='shape': Adam's update as is)
 
 Groups with ``sphere=False`` take plain AdamW (decoupled weight decay) with the same moments,
 so one optimizer can hold a whole model: matrices on spheres, embeddings/norms/biases on Adam.
 State keys match torch.optim.AdamW ('step', 'exp_avg', 'exp_avg_sq'), which is what
-Megatron's distributed optimizer checkpoints.
+Megatron's distributed optimizer checkpoints; each group also counts its 'step'.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
+from megatron_hyperball.optim.hooks import SphereHook
 from megatron_hyperball.optim.hyperball import HyperballOptimizer
-from megatron_hyperball.optim.sphere import SphereLayout
+from megatron_hyperball.optim.sphere import SphereIndex
 
 
 class AdamH(HyperballOptimizer):
@@ -35,7 +36,8 @@ class AdamH(HyperballOptimizer):
         update_norm: str = "exact",
         weight_decay: float = 0.0,
         *,
-        layout: SphereLayout | None = None,
+        sphere_index: SphereIndex | None = None,
+        sphere_hooks: Sequence[SphereHook] = (),
         prepare_spheres: bool = True,
     ) -> None:
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -46,21 +48,17 @@ class AdamH(HyperballOptimizer):
             lr=lr, betas=tuple(betas), eps=eps, radius=radius, update_norm=update_norm,
             weight_decay=weight_decay,
         )
-        super().__init__(params, defaults, layout=layout, prepare_spheres=prepare_spheres)
+        super().__init__(params, defaults, sphere_index=sphere_index, sphere_hooks=sphere_hooks,
+                         prepare_spheres=prepare_spheres)
 
-    def begin_step(self) -> None:
+    def base_update(
+        self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], on_sphere: list[bool]
+    ) -> tuple[list[torch.Tensor], float]:
         # The step count lives in the group (as TE's FusedAdam keeps it) and is mirrored in each
         # param's state (as torch's AdamW keeps it), so Megatron's checkpointing finds it either way.
-        for group in self.param_groups:
-            if any(p.grad is not None for p in group["params"]):
-                group["step"] = int(group.get("step", 0)) + 1
-
-    def update_group(
-        self, params: list[torch.Tensor], group: dict, on_sphere: list[bool]
-    ) -> tuple[list[torch.Tensor], float]:
-        t = group["step"]
+        t = group["step"] = int(group.get("step", 0)) + 1
         step = torch.tensor(float(t))
-        ms, vs, gs = [], [], []
+        ms, vs = [], []
         for p in params:
             state = self.state[p]
             if "exp_avg" not in state:
@@ -69,12 +67,11 @@ class AdamH(HyperballOptimizer):
             state["step"] = step
             ms.append(state["exp_avg"])
             vs.append(state["exp_avg_sq"])
-            gs.append(p.grad)
         b1, b2 = group["betas"]
-        # multi-tensor kernels: m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
-        torch._foreach_lerp_(ms, gs, 1 - b1)
+        # multi-tensor kernels: m = b1 m + (1-b1) G;  v = b2 v + (1-b2) G^2
+        torch._foreach_lerp_(ms, grads, 1 - b1)
         torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
         # m_hat / (sqrt(v_hat) + eps) = c * m / (sqrt(v) + eps sqrt(bc2)),  c = sqrt(bc2) / bc1:
         # the bias corrections become one scalar, as in torch's Adam, and save two passes
         bc2_sqrt = math.sqrt(1 - b2**t)
@@ -82,7 +79,7 @@ class AdamH(HyperballOptimizer):
         denom = torch._foreach_sqrt(vs)
         torch._foreach_add_(denom, group["eps"] * bc2_sqrt)
         plain = [i for i, s in enumerate(on_sphere) if not s]
-        if plain:
+        if plain:  # AdamW: decoupled weight decay, then W -= lr c m / denom
             plain_p = [params[i] for i in plain]
             if group["weight_decay"] != 0:
                 torch._foreach_mul_(plain_p, 1 - group["lr"] * group["weight_decay"])

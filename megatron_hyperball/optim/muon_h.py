@@ -1,10 +1,10 @@
-"""MuonH: Muon on the Frobenius sphere (hyperball part 1, HyperP; DESIGN.md §2).
+"""MuonH: Muon on the sphere (hyperball part 1, HyperP; DESIGN.md §2).
 
-    B = mu B + (1 - mu) g                       momentum (EMA form, as emerging-optimizers' Muon)
-    M = g + mu (B - g)  (nesterov)  or  B
-    u = NS5(M)                                  Newton-Schulz, quintic coefficients
-    W' = W - lr R N(u),   W_next = R N(W')      (update_norm='exact')
-    W' = W - lr s u,      s = sqrt(max(m/n, n/m))   (update_norm='shape', MD's Muon scaling)
+    B = mu B + (1 - mu) G                       momentum (EMA form, as emerging-optimizers' Muon)
+    M = G + mu (B - G)  (nesterov)  or  B
+    u = NS5(M)                                  Newton-Schulz, quintic coefficients: base update
+    W_next = R N(W - lr R N(u))                 (update_norm='exact')       sphere hook
+    W_next = R N(W - lr s u),  s = sqrt(max(m/n, n/m))   (update_norm='shape', MD's Muon scaling)
 
 Every parameter must be a matrix; give embeddings, norms and biases to Adam.
 """
@@ -12,13 +12,14 @@ Every parameter must be a matrix; give embeddings, norms and biases to Adam.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from megatron_hyperball.optim import newton_schulz
+from megatron_hyperball.optim.hooks import SphereHook
 from megatron_hyperball.optim.hyperball import HyperballOptimizer
-from megatron_hyperball.optim.sphere import SphereLayout
+from megatron_hyperball.optim.sphere import SphereIndex
 
 
 class MuonH(HyperballOptimizer):
@@ -37,7 +38,8 @@ class MuonH(HyperballOptimizer):
         coefficient_type: str = newton_schulz.NS_COEFFICIENTS,
         fp32_matmul_prec: str = "medium",
         *,
-        layout: SphereLayout | None = None,
+        sphere_index: SphereIndex | None = None,
+        sphere_hooks: Sequence[SphereHook] = (),
         prepare_spheres: bool = True,
     ) -> None:
         if not 0.0 <= momentum < 1.0:
@@ -52,7 +54,8 @@ class MuonH(HyperballOptimizer):
             lr=lr, momentum=momentum, radius=radius, update_norm=update_norm,
             weight_decay=weight_decay,
         )
-        super().__init__(params, defaults, layout=layout, prepare_spheres=prepare_spheres)
+        super().__init__(params, defaults, sphere_index=sphere_index, sphere_hooks=sphere_hooks,
+                         prepare_spheres=prepare_spheres)
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.dim() != 2:
@@ -72,8 +75,11 @@ class MuonH(HyperballOptimizer):
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
-    def momentum_direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
-        g = p.grad
+    def momentum_direction(
+        self, p: torch.Tensor, group: dict, state: dict, grad: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """M from the gradient (p.grad unless given): updates the momentum buffer in place."""
+        g = p.grad if grad is None else grad
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"]
@@ -86,10 +92,20 @@ class MuonH(HyperballOptimizer):
             m, self.ns_steps, self.coefficient_type, self.fp32_matmul_prec
         ).to(p.dtype)
 
-    def direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+    def base_update(
+        self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], on_sphere: list[bool]
+    ) -> tuple[list[torch.Tensor], float]:
         # NS returns a transposed view for tall matrices; one copy here keeps the sphere
         # reductions and the update on contiguous memory
-        return self.orthogonalize(p, self.momentum_direction(p, group, state)).contiguous()
+        us = [self.orthogonalize(p, self.momentum_direction(p, group, self.state[p], g)).contiguous()
+              for p, g in zip(params, grads)]
+        plain = [i for i, s in enumerate(on_sphere) if not s]
+        if plain:  # a matrix the sphere index leaves out: plain Muon, W -= lr u
+            plain_p = [params[i] for i in plain]
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(plain_p, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(plain_p, [us[i] for i in plain], alpha=-group["lr"])
+        return [u for u, s in zip(us, on_sphere) if s], 1.0
 
     def shape_scale(self, shape: tuple[int, int]) -> float:
         m, n = shape

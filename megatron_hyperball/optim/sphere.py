@@ -1,20 +1,20 @@
-"""The hyperball (Frobenius-sphere) step, written so it runs on whole matrices or on shards.
+"""The sphere step in pure math, written so it runs on whole matrices or on shards of them.
 
-For a matrix W (m x n) on the sphere of radius R and a base-optimizer direction u (DESIGN.md §2):
+For a matrix W (m x n) on the sphere of radius R and a base-optimizer update u (DESIGN.md §2):
 
     W'     = W - lr * R * N(u)          exact mode: the relative step is exactly lr
-    W'     = W - lr * s * u             shape mode: u as the base optimizer made it, s a shape factor
+    W'     = W - lr * s * u             shape mode: u as the base optimizer made it, s its scale
     W_next = R * N(W')                  retract to the sphere
 
-Everything the step needs about the *full* matrix is three scalars: ||W||^2, <W, u>, ||u||^2.
-Each rank computes their partial sums over the elements it holds, a ``SphereLayout`` sums them
+All the step needs about the *full* matrix is three sums: ||W||^2, <W, u>, ||u||^2. Each rank
+computes them over the elements it holds (``sphere_partials``), a ``SphereIndex`` adds them up
 over the ranks that share the matrix (one small all-reduce for all spheres at once), and then
-every rank applies ``W_next = a * W - b * u`` to its local elements, with
+every rank applies ``W_next = a W - b u`` to its own elements (``apply_sphere_step_``), with
 
     alpha = R / ||W||           (1 once W is on the sphere; rescales a W that is not)
     beta  = lr * R / ||u||      (exact)   or   lr * s   (shape)
     ||W'||^2 = alpha^2 ||W||^2 - 2 alpha beta <W, u> + beta^2 ||u||^2
-    a = alpha * R / ||W'||,   b = beta * R / ||W'||
+    a = alpha * R / ||W'||,   b = beta * R / ||W'||           (``sphere_coefficients``)
 
 so no rank ever needs another rank's weights.
 """
@@ -27,34 +27,7 @@ from typing import Sequence
 
 import torch
 
-RADIUS_MODES = ("init", "sqrt_max_dim", "<positive number>")
-UPDATE_NORM_MODES = ("exact", "shape")
-
-
-def check_radius(radius) -> str | float:
-    """Validate a radius option: 'init', 'sqrt_max_dim' or a positive number."""
-    if isinstance(radius, str):
-        if radius in ("init", "sqrt_max_dim"):
-            return radius
-        try:
-            radius = float(radius)
-        except ValueError:
-            raise ValueError(
-                f"radius={radius!r} is not a radius mode; allowed: {', '.join(RADIUS_MODES)}"
-            ) from None
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)):
-        raise ValueError(f"radius={radius!r} is not a radius mode; allowed: {', '.join(RADIUS_MODES)}")
-    if not math.isfinite(radius) or radius <= 0:
-        raise ValueError(f"radius={radius!r} must be a positive finite number (or 'init' / 'sqrt_max_dim')")
-    return float(radius)
-
-
-def check_update_norm(update_norm: str) -> str:
-    if update_norm not in UPDATE_NORM_MODES:
-        raise ValueError(
-            f"update_norm={update_norm!r} is not an update-norm mode; allowed: {', '.join(UPDATE_NORM_MODES)}"
-        )
-    return update_norm
+from megatron_hyperball.names import RADIUS_MODES, UPDATE_NORM_MODES, check_radius, check_update_norm  # noqa: F401
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -73,14 +46,17 @@ def fixed_radius(radius: str | float, shape: tuple[int, int]) -> float | None:
     return float(radius)
 
 
+# -- which sphere each local tensor belongs to ------------------------------------------------------
+
 @dataclass
-class SphereLayout:
+class SphereIndex:
     """Which sphere each local tensor belongs to, and how partial sums become full sums.
 
     ``index`` maps a local tensor (by identity) to its sphere number; ``shapes[k]`` is the full
     (m, n) of sphere k. Every rank that shares a sphere must number it the same way, including
     ranks whose local slice of it is empty. ``all_reduce_`` turns a (num_spheres, k) tensor of
-    local partial sums into full sums in place; the default sums nothing (whole matrices).
+    local partial sums into full sums in place: the one extension point a distributed adapter
+    overrides. The default sums nothing (whole matrices, one process).
     """
 
     index: dict[int, int]
@@ -94,25 +70,31 @@ class SphereLayout:
     def sphere_of(self, p: torch.Tensor) -> int | None:
         return self.index.get(id(p))
 
-    def all_reduce_(self, partials: torch.Tensor) -> None:  # noqa: D401 - hook
-        """Sum partials over the ranks that share each sphere (no-op for whole matrices)."""
+    def all_reduce_(self, partials: torch.Tensor) -> None:
+        """Sum each row of partials over the ranks that share that sphere (no-op here)."""
 
 
-def whole_matrix_layout(params: Sequence[torch.Tensor]) -> SphereLayout:
+def whole_matrix_index(params: Sequence[torch.Tensor]) -> SphereIndex:
     """Each tensor is a whole matrix and its own sphere."""
-    return SphereLayout(
+    return SphereIndex(
         index={id(p): k for k, p in enumerate(params)},
         shapes=[matrix_shape(p.shape) for p in params],
         device=params[0].device if params else torch.device("cpu"),
     )
 
 
+
+# -- the step -------------------------------------------------------------------------------------
+
 def sphere_partials(
-    layout: SphereLayout, weights: Sequence[torch.Tensor], updates: Sequence[torch.Tensor]
+    weights: Sequence[torch.Tensor],
+    updates: Sequence[torch.Tensor],
+    sphere_ids: Sequence[int],
+    num_spheres: int,
+    device: torch.device,
 ) -> torch.Tensor:
-    """(num_spheres, 3) fp32 partial sums [||W||^2, <W,u>, ||u||^2] of the local elements."""
-    device = weights[0].device if weights else layout.device
-    partials = torch.zeros(layout.num_spheres, 3, dtype=torch.float32, device=device)
+    """(num_spheres, 3) fp32 partial sums [||W||^2, <W,u>, ||u||^2] over the local elements."""
+    partials = torch.zeros(num_spheres, 3, dtype=torch.float32, device=device)
     if not weights:
         return partials
     w32 = [w.float() for w in weights]
@@ -121,12 +103,11 @@ def sphere_partials(
     u_sq = torch.stack(torch._foreach_norm(u32)).square()
     wu = torch.stack([torch.dot(w.reshape(-1), u.reshape(-1)) for w, u in zip(w32, u32)])
     rows = torch.stack([w_sq, wu, u_sq], dim=1)
-    idx = torch.tensor([layout.sphere_of(w) for w in weights], device=device)
-    partials.index_add_(0, idx, rows)
+    partials.index_add_(0, torch.tensor(list(sphere_ids), device=device), rows)
     return partials
 
 
-def hyperball_coefficients(
+def sphere_coefficients(
     sums: torch.Tensor,
     lr: torch.Tensor,
     radius: torch.Tensor,
@@ -135,7 +116,7 @@ def hyperball_coefficients(
     """Per-sphere (a, b) with W_next = a * W - b * u, from the full sums (see module doc).
 
     ``radius`` holds R per sphere, NaN where R is ||W|| itself ('init' mode). ``update_scale``
-    holds the shape factor s per sphere for shape mode, NaN for exact mode.
+    holds s per sphere for shape mode, NaN for exact mode.
     """
     sums = sums.double()  # a handful of scalars: do the algebra in float64
     w_sq, wu, u_sq = sums.unbind(-1)
@@ -150,7 +131,7 @@ def hyperball_coefficients(
     return (alpha * c).float(), (beta * c).float()
 
 
-def apply_hyperball_(
+def apply_sphere_step_(
     weights: Sequence[torch.Tensor],
     updates: Sequence[torch.Tensor],
     sphere_ids: Sequence[int],

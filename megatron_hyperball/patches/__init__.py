@@ -1,58 +1,98 @@
-"""Runtime fixes to megatron-core bugs that hit real runs, each version-guarded and documented.
+"""Every runtime change this plugin makes to megatron-core, in one registry.
 
-``apply()`` runs once on ``import megatron_hyperball`` (GPU and CPU alike). A fix applies only to
-the megatron-core versions it was written for; on any other version it is skipped and says so,
-so a newer Megatron is never patched blindly.
+Each entry names its target, the megatron-core versions it was written for, why it exists, and
+how to install it. ``apply(group)`` installs the entries of a group once per process, after one
+version check: an entry written for other versions is skipped with a warning, so a newer
+Megatron is never patched blindly. Groups:
+
+- ``core``: on ``import megatron_hyperball`` (GPU and CPU alike): the optimizer registration and
+  fixes of megatron-core bugs that hit real runs.
+- ``training``: before ``megatron.training`` parses arguments (the entry, or the drop-in launcher).
+- ``cpu``: the CPU training layer, with ``megatron_hyperball.compat.enable_cpu()``.
+
+``applied()`` lists what is installed in this process:
+
+    python -c "import megatron_hyperball; from megatron_hyperball import patches; print(patches.applied())"
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-
-import torch
+from dataclasses import dataclass
+from typing import Callable
 
 _log = logging.getLogger(__name__)
-_applied: list[str] = []
+MARKER = "__megatron_hyperball_patch__"
 
 
-def _megatron_version() -> str:
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    target: str                       # what it changes, as a dotted path
+    versions: tuple[str, ...]         # megatron-core version prefixes it was written for
+    why: str
+    install: Callable[[], None]
+    group: str = "core"
+    needed: Callable[[], bool] = lambda: True   # e.g. only when Megatron runs torch's AdamW
+
+
+REGISTRY: list[Patch] = []
+_applied: dict[str, Patch] = {}
+_skipped: dict[str, str] = {}
+
+
+def register(patch: Patch) -> Patch:
+    REGISTRY.append(patch)
+    return patch
+
+
+def replace(owner, attr: str, new: Callable) -> Callable:
+    """Set ``owner.attr = new`` (marked as this plugin's) and return the original."""
+    original = getattr(owner, attr)
+    setattr(new, MARKER, True)
+    setattr(owner, attr, new)
+    return original
+
+
+def megatron_version() -> str:
     from importlib.metadata import version
 
     return version("megatron-core")
 
 
-def _fix_dp_reshardable_load_no_grad() -> str | None:
-    """megatron-core 0.19: ``DistributedOptimizer.load_parameter_state_from_dp_reshardable``
-    lacks the ``@torch.no_grad()`` its siblings have. With fp32 params the main-param shards are
-    views of the model params (which require grad), so loading a ``dp_reshardable`` checkpoint
-    (megatron.training's default for torch_dist) fails with "a view of a leaf Variable that
-    requires grad is being used in an in-place operation". The fix runs it under no_grad."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+def apply(group: str = "core") -> list[str]:
+    """Install every not-yet-installed entry of ``group`` that fits this megatron-core."""
+    from megatron_hyperball.patches import checkpoint, cpu_training, optimizer, training  # noqa: F401
 
-    fn = DistributedOptimizer.load_parameter_state_from_dp_reshardable
-    if getattr(fn, "__megatron_hyperball_patch__", False):
-        return None
-    patched = functools.wraps(fn)(torch.no_grad()(fn))
-    patched.__megatron_hyperball_patch__ = True
-    DistributedOptimizer.load_parameter_state_from_dp_reshardable = patched
-    return "DistributedOptimizer.load_parameter_state_from_dp_reshardable runs under no_grad"
-
-
-FIXES = {  # fix -> megatron-core version prefixes it is written for
-    _fix_dp_reshardable_load_no_grad: ("0.19.",),
-}
-
-
-def apply() -> list[str]:
-    """Apply every fix that matches the installed megatron-core; returns what was applied."""
-    ver = _megatron_version()
-    for fix, versions in FIXES.items():
-        if not ver.startswith(versions):
-            _log.warning("megatron-hyperball: skipping %s (written for megatron-core %s, found %s)",
-                         fix.__name__, versions, ver)
+    version = megatron_version()
+    for patch in REGISTRY:
+        if patch.group != group or patch.name in _applied or patch.name in _skipped:
             continue
-        done = fix()
-        if done:
-            _applied.append(done)
-    return list(_applied)
+        if not version.startswith(patch.versions):
+            _skipped[patch.name] = f"written for megatron-core {'/'.join(patch.versions)}x, found {version}"
+            _log.warning("megatron-hyperball: patch %s skipped (%s)", patch.name, _skipped[patch.name])
+            continue
+        if not patch.needed():
+            continue
+        patch.install()
+        _applied[patch.name] = patch
+        _log.info("megatron-hyperball: patched %s (%s)", patch.target, patch.name)
+    return applied()
+
+
+def apply_training(cpu: bool = False) -> list[str]:
+    """The ``training`` group, plus ``cpu`` (after ``compat.enable_cpu()``) on a machine without CUDA."""
+    apply("core")
+    apply("training")
+    if cpu:
+        from megatron_hyperball import compat
+
+        if not compat.is_enabled():
+            raise RuntimeError("patches.apply_training(cpu=True): call megatron_hyperball.compat.enable_cpu() first")
+        apply("cpu")
+    return applied()
+
+
+def applied() -> list[str]:
+    """'name: target' of every installed entry, in installation order."""
+    return [f"{p.name}: {p.target}" for p in _applied.values()]

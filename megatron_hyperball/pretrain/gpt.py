@@ -2,25 +2,22 @@
 
 megatron-core 0.19.2's wheel ships ``megatron.training`` but not Megatron-LM's root
 ``pretrain_gpt.py``; these are this project's equivalents, written against the installed
-``megatron.training`` API:
+``megatron.training`` API. The providers take the run's validated config as their first argument
+(the entry binds it with ``functools.partial``):
 
 - :func:`model_provider` builds Megatron's ``GPTModel`` from the parsed Megatron arguments, with the
   Depth-muP layer spec (``models.depth_mup``) for the config's ``hyperp.block_output_scale``:
   Transformer Engine's spec when ``--transformer-impl transformer_engine``, Megatron's local spec
-  otherwise (always on CPU). A learned position embedding is tagged so the sphere optimizers
-  give it Adam (``routing.tag_position_embeddings``).
+  otherwise (always on CPU). A learned position embedding is tagged so the hyperball optimizers
+  give it Adam (``mcore.roles.tag_position_embeddings``).
 - :func:`train_valid_test_datasets_provider` builds Megatron's ``GPTDataset`` splits with
   ``BlendedMegatronDatasetBuilder`` (data prefixes, blends, ``--split`` or per-split paths,
   exactly as Megatron reads them from ``args``). For ``data.data_path: embedded`` it first
-  prepares the embedded corpus: global rank 0 writes it, then the first process of every other
-  node checks it (and writes it if that node does not share the file system), every other
-  process waits on a barrier.
+  prepares the embedded corpus (:func:`ensure_embedded_data`).
 - :func:`forward_step` fetches a micro-batch (broadcast over tensor parallelism, split over
   context parallelism, as Megatron does), runs the model with ``labels`` and ``loss_mask``, and
   returns Megatron's ``(loss_sum, num_tokens, {'lm loss': [loss_sum, num_tokens]})`` loss
   triple, masked by the dataset's loss mask (padding, and EOD tokens with ``--eod-mask-loss``).
-
-State set by the entry (:func:`configure`): the validated :class:`HyperballConfig`.
 """
 
 from __future__ import annotations
@@ -31,32 +28,17 @@ from typing import Optional
 
 import torch
 
-__all__ = ["configure", "model_provider", "train_valid_test_datasets_provider", "forward_step",
-           "ensure_embedded_data", "layer_spec"]
-
-_CFG = None
-
-
-def configure(cfg) -> None:
-    """Give the providers the run's validated config (Depth-muP alpha, embedded data)."""
-    global _CFG
-    _CFG = cfg
-
-
-def _cfg():
-    if _CFG is None:
-        raise RuntimeError("megatron_hyperball.pretrain.gpt: configure(cfg) was not called")
-    return _CFG
+__all__ = ["model_provider", "train_valid_test_datasets_provider", "forward_step", "prepare_embedded_data",
+           "ensure_embedded_data", "layer_spec", "providers"]
 
 
 # -- model ------------------------------------------------------------------------------------------
-def layer_spec(args, config, vp_stage: Optional[int] = None):
-    """The transformer layer / block spec with Depth-muP scaling for ``args`` and ``config``."""
+def layer_spec(args, config, alpha: Optional[float], vp_stage: Optional[int] = None):
+    """The transformer layer / block spec with Depth-muP scale ``alpha`` (None: off) for ``args``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron_hyperball.models.depth_mup import apply_depth_mup, get_gpt_layer_spec_with_depth_mup
 
-    alpha = _cfg().block_output_alpha()
     use_te = args.transformer_impl == "transformer_engine"
     if args.num_experts:
         # MoE: Megatron's block spec (dense / MoE layers per --moe-layer-freq), then Depth-muP.
@@ -68,22 +50,22 @@ def layer_spec(args, config, vp_stage: Optional[int] = None):
         qk_layernorm=args.qk_layernorm, normalization=args.normalization)
 
 
-def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
+def model_provider(cfg, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
                    config=None, pg_collection=None):
-    """Megatron's ``GPTModel`` with the Depth-muP spec (called by ``megatron.training.get_model``)."""
+    """Megatron's ``GPTModel`` with the Depth-muP spec of ``cfg`` (called by ``megatron.training.get_model``)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.training import get_args, print_rank_0
     from megatron.training.argument_utils import core_transformer_config_from_args
 
-    from megatron_hyperball.megatron.routing import tag_position_embeddings
+    from megatron_hyperball.mcore.roles import tag_position_embeddings
 
     args = get_args()
     if config is None:
         config = core_transformer_config_from_args(args)
-    spec = layer_spec(args, config, vp_stage)
-    alpha = _cfg().block_output_alpha()
+    alpha = cfg.block_output_alpha()
+    spec = layer_spec(args, config, alpha, vp_stage)
     print_rank_0(f"> building GPTModel ({args.transformer_impl} spec), Depth-muP block output scale "
-                 f"{_cfg().hyperp.block_output_scale} -> alpha = {'off' if alpha is None else f'{alpha:.6g}'}")
+                 f"{cfg.hyperp.block_output_scale} -> alpha = {'off' if alpha is None else f'{alpha:.6g}'}")
     kwargs = {}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
@@ -109,6 +91,18 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 
 
 # -- data -------------------------------------------------------------------------------------------
+def prepare_embedded_data(cfg, verbose: bool = True) -> Optional[dict]:
+    """Write the embedded corpus if ``data.data_path`` is 'embedded' (a no-op when already there).
+
+    Returns the corpus manifest, or None for your own data.
+    """
+    if not cfg.data.embedded:
+        return None
+    from megatron_hyperball.data.prepare import prepare
+
+    return prepare(cfg.data.embedded_dir, int(cfg.data.embedded_max_mb * 1e6), verbose=verbose)
+
+
 def ensure_embedded_data(cfg) -> None:
     """Prepare the embedded corpus once per node; all other processes wait on barriers.
 
@@ -116,8 +110,6 @@ def ensure_embedded_data(cfg) -> None:
     again: on a shared file system it is found and nothing is written; on node-local disks that
     node writes its own copy. The corpus is byte-identical wherever it is written.
     """
-    from megatron_hyperball.config import prepare_embedded_data
-
     if not cfg.data.embedded:
         return
     dist = torch.distributed
@@ -168,14 +160,14 @@ def _gpt_dataset_config(args):
     )
 
 
-def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None):
+def train_valid_test_datasets_provider(cfg, train_val_test_num_samples, vp_stage: Optional[int] = None):
     """Megatron's GPTDataset splits (called by ``build_train_valid_test_data_iterators``)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
     from megatron.training import get_args, print_rank_0
 
     args = get_args()
-    ensure_embedded_data(_cfg())
+    ensure_embedded_data(cfg)
     config = _gpt_dataset_config(args)
     print_rank_0("> building train, validation, and test datasets for GPT ...")
     train_ds, valid_ds, test_ds = BlendedMegatronDatasetBuilder(
@@ -185,9 +177,13 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: Opt
     return train_ds, valid_ds, test_ds
 
 
-# Every rank calls the provider (the datasets are built only where _is_dataset_built_on_rank says;
-# the embedded-data barrier needs every rank).
-train_valid_test_datasets_provider.is_distributed = True
+def providers(cfg) -> tuple:
+    """(model provider, dataset provider) bound to ``cfg``, as ``megatron.training.pretrain`` takes them."""
+    datasets = partial(train_valid_test_datasets_provider, cfg)
+    # every rank calls it (the datasets are built only where _is_dataset_built_on_rank says; the
+    # embedded-data barrier needs every rank)
+    datasets.is_distributed = True
+    return partial(model_provider, cfg), datasets
 
 
 # -- forward step -----------------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 Usage (plain python, one process): megatron_args_check.py IN.json OUT.json
 
 IN.json: {"base": <config dict>, "cases": {name: {"overrides": [...], "world_size": N,
-"validate": bool, "param_groups": bool}}}. For each case: the config is loaded with the
-overrides, ``to_megatron_args`` is parsed by ``megatron.training.arguments.parse_args`` (sys.argv,
-WORLD_SIZE from the case) and, if ``validate``, checked by ``validate_args``. With
-``param_groups``, ``megatron_optimizer_config(cfg, args)`` builds the optimizer config and
-overrides and Megatron's own ``_get_param_groups`` groups the parameters of a real GPTModel
-(CPU, gloo world size 1); per parameter name its max_lr, min_lr and wd_mult are reported.
+"validate": bool, "opt_config": bool, "param_groups": bool}}}. For each case: the config is loaded
+with the overrides, ``to_megatron_args`` is parsed by ``megatron.training.arguments.parse_args``
+with the plugin's flags (``mcore.args.add_plugin_args``; sys.argv, WORLD_SIZE from the case) and,
+if ``validate``, checked by ``validate_args`` as ``patches.apply_training`` leaves it. With
+``opt_config``, ``mcore.args.optimizer_config_from_args(args)`` builds the optimizer config the
+trainer would get; with ``param_groups`` also Megatron's own ``_get_param_groups`` groups the
+parameters of a real GPTModel (CPU, gloo world size 1) with its overrides, and per parameter name
+its max_lr, min_lr and wd_mult are reported.
 """
 
 import contextlib
@@ -36,6 +38,8 @@ ARG_FIELDS = [
     "lr_decay_iters", "eval_interval", "eval_iters", "bf16", "fp16", "seed",
     "save", "load", "save_interval", "ckpt_format", "log_interval", "tensorboard_dir",
     "wandb_project", "wandb_exp_name", "wandb_save_dir", "data_parallel_size",
+    "hyperball_radius", "hyperball_update_norm", "hyperball_output_layer", "hyperball_embedding_lr",
+    "hyperball_output_lr", "hyperball_scalar_lr", "hyperball_metrics_interval",
 ]
 OPT_FIELDS = ["optimizer", "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "hyperball_radius",
               "hyperball_update_norm", "hyperball_output_layer", "use_distributed_optimizer",
@@ -62,11 +66,25 @@ def init_dist():
     enable_cpu()
 
 
-def param_groups(cfg, args):
+def opt_config(args):
+    from dataclasses import asdict
+
+    from megatron_hyperball.mcore.args import optimizer_config_from_args
+    from megatron_hyperball.mcore.options import hyperball_options
+
+    config, overrides = optimizer_config_from_args(args)
+    return ({f: _json(getattr(config, f, None)) for f in OPT_FIELDS}, type(config).__name__,
+            _json_dict(asdict(hyperball_options(config))), config, overrides)
+
+
+def _json_dict(d):
+    return {k: _json(v) for k, v in d.items()}
+
+
+def param_groups(cfg, config, overrides):
     from megatron.core.optimizer import _get_param_groups
 
-    from megatron_hyperball.config import megatron_optimizer_config
-    from megatron_hyperball.megatron.model import build_gpt, init_parallel
+    from megatron_hyperball.mcore.builders import build_gpt, init_parallel
 
     init_dist()
     init_parallel(tp=1)
@@ -76,21 +94,24 @@ def param_groups(cfg, args):
                       position_embedding_type="learned_absolute",
                       share_embeddings_and_output_weights=m.tie_embeddings,
                       normalization=m.normalization)
-    config, overrides = megatron_optimizer_config(cfg, args)
     groups = _get_param_groups([model], config, overrides)
     names = {p: n for n, p in model.named_parameters()}
     per_param = {}
     for g in groups:
         for p in g["params"]:
             per_param[names[p]] = {"max_lr": g["max_lr"], "min_lr": g["min_lr"], "wd_mult": g["wd_mult"]}
-    return {f: _json(getattr(config, f, None)) for f in OPT_FIELDS}, per_param, type(config).__name__
+    return per_param
 
 
 def run_case(base, case):
-    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training import arguments
 
-    from megatron_hyperball.config import load_config, to_megatron_args
+    from megatron_hyperball import patches
+    from megatron_hyperball.config import load_config
+    from megatron_hyperball.mcore.args import add_plugin_args
+    from megatron_hyperball.pretrain.megatron_args import to_megatron_args
 
+    patches.apply_training(cpu=False)  # what the entry installs before Megatron parses
     cfg = load_config(raw=base, overrides=case.get("overrides", []))
     argv = to_megatron_args(cfg)
     os.environ["WORLD_SIZE"] = str(case.get("world_size", 1))
@@ -99,14 +120,16 @@ def run_case(base, case):
     sys.argv = ["pretrain"] + argv
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            args = parse_args()
+            args = arguments.parse_args(extra_args_provider=add_plugin_args)
             if case.get("validate", True):
-                validate_args(args)
+                arguments.validate_args(args)
     finally:
         sys.argv = saved
     out = {"argv": argv, "args": {f: _json(getattr(args, f, None)) for f in ARG_FIELDS}}
-    if case.get("param_groups"):
-        out["opt_config"], out["param_groups"], out["opt_config_class"] = param_groups(cfg, args)
+    if case.get("opt_config") or case.get("param_groups"):
+        out["opt_config"], out["opt_config_class"], out["hyperball_options"], config, overrides = opt_config(args)
+        if case.get("param_groups"):
+            out["param_groups"] = param_groups(cfg, config, overrides)
     return out
 
 

@@ -2,9 +2,10 @@
 
 Usage (plain python, one process): pretrain_args_check.py OUT.json WORLD_SIZE CONFIG [CONFIG ...]
 
-For each config: ``entry.megatron_argv(cfg, cpu=False)`` is parsed by
-``megatron.training.arguments.parse_args`` and checked by ``validate_args`` (WORLD_SIZE from the
-command line, as torchrun would set it), then ``config.megatron_optimizer_config`` builds the
+For each config: ``pretrain.megatron_args.megatron_argv(cfg, cpu=False)`` is parsed by
+``megatron.training.arguments.parse_args`` with the plugin's flags (``mcore.args.add_plugin_args``)
+and checked by ``validate_args`` as ``patches.apply_training`` leaves it (WORLD_SIZE from the
+command line, as torchrun would set it), then ``mcore.args.optimizer_config_from_args`` builds the
 optimizer config the trainer would get. Reported per config: the fields that decide where the
 optimizer runs and the lr.
 """
@@ -21,10 +22,13 @@ from common import REPO_ROOT  # noqa: F401  (puts the repository on sys.path)
 def main(out, world_size, paths):
     os.environ["WORLD_SIZE"] = str(world_size)
     os.environ["RANK"] = "0"
-    from megatron_hyperball.config import load_config, megatron_optimizer_config
-    from megatron_hyperball.pretrain.entry import megatron_argv
+    from megatron_hyperball import patches
+    from megatron_hyperball.config import load_config
+    from megatron_hyperball.mcore.args import add_plugin_args, optimizer_config_from_args
+    from megatron_hyperball.pretrain.megatron_args import megatron_argv
 
-    from megatron.training.arguments import parse_args, validate_args
+    patches.apply_training(cpu=False)  # what the entry installs before Megatron parses
+    from megatron.training import arguments
 
     result = {}
     for path in paths:
@@ -34,11 +38,11 @@ def main(out, world_size, paths):
         sys.argv = ["pretrain_gpt.py"] + argv
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                args = parse_args()
-                validate_args(args, {})
+                args = arguments.parse_args(extra_args_provider=add_plugin_args)
+                arguments.validate_args(args, {})
         finally:
             sys.argv = saved
-        opt_config, _ = megatron_optimizer_config(cfg, args)
+        opt_config, _ = optimizer_config_from_args(args)
         result[os.path.basename(path)] = {
             "name": cfg.optimizer.name,
             "args_optimizer": args.optimizer,

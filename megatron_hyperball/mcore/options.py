@@ -1,8 +1,8 @@
-"""Hyperball options carried on Megatron's OptimizerConfig.
+"""The hyperball options on Megatron's ``OptimizerConfig``.
 
-``HyperballOptimizerConfig`` is an ``OptimizerConfig`` with the extra fields below; a plain
-``OptimizerConfig`` gets the defaults. (Megatron passes the one config object everywhere, so the
-options travel with it through ``get_megatron_optimizer`` and ``megatron.training``.)
+``HyperballOptimizerConfig`` is an ``OptimizerConfig`` with three more fields; a plain
+``OptimizerConfig`` gets their defaults. Megatron passes the one config object everywhere, so the
+options travel with it through ``get_megatron_optimizer`` and ``megatron.training``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_hyperball.optim import sphere
+from megatron_hyperball import names
 
 
 @dataclass
@@ -34,9 +34,10 @@ class HyperballOptimizerConfig(OptimizerConfig):
 
 
 def hyperball_options(config) -> HyperballOptions:
+    """The validated hyperball options of any ``OptimizerConfig``."""
     try:
-        radius = sphere.check_radius(getattr(config, "hyperball_radius", "init"))
-        update_norm = sphere.check_update_norm(getattr(config, "hyperball_update_norm", "exact"))
+        radius = names.check_radius(getattr(config, "hyperball_radius", "init"))
+        update_norm = names.check_update_norm(getattr(config, "hyperball_update_norm", "exact"))
     except ValueError as e:
         raise ValueError(f"OptimizerConfig.hyperball_{e}") from None
     return HyperballOptions(radius, update_norm, bool(getattr(config, "hyperball_output_layer", False)))

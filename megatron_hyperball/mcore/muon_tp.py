@@ -3,7 +3,7 @@
 Megatron's ``TensorParallelMuon`` knows how to orthogonalize a TP-sharded matrix (all-gather the
 momentum along the partition dim, or a distributed NS) and how to split fused QKV. MuonH reuses
 exactly those methods for u = NS5(momentum); everything else is ``optim.MuonH``: the sphere
-step, batched over all matrices, with norms summed over TP by the layout the adapter installs.
+step, batched over all matrices, with norms summed over TP by the sphere index the adapter installs.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class TensorParallelMuonH(MuonH):
 
 def config_to_kwargs(config, model_chunks, pg_collection) -> dict[str, Any]:
     """OptimizerConfig -> TensorParallelMuonH kwargs (Megatron's muon_* knobs, hyperball_* knobs)."""
-    from megatron_hyperball.megatron.options import hyperball_options
+    from megatron_hyperball.mcore.options import hyperball_options
 
     hb = hyperball_options(config)
     return dict(

@@ -1,30 +1,27 @@
-"""Validated config -> what ``megatron.training`` needs.
+"""A validated config translated for ``megatron.training``: its command line and environment.
 
-- :func:`to_megatron_args`: the command-line flags of ``megatron.training.arguments`` (real flag
-  names, checked by the tests against Megatron's parser and ``validate_args``).
-- :func:`hyperball_optimizer_fields`: the fields of ``HyperballOptimizerConfig`` this config sets
-  (``optimizer`` 'adamh' / 'muonh' and the ``hyperball_*`` options). Megatron's ``--optimizer``
-  has fixed argparse choices, so the flags carry the base optimizer ('adam' for adamh, 'muon' for
-  muonh, which also makes ``validate_args`` choose the right distributed optimizer) and the entry
-  puts the hyperball name back when it builds the optimizer config.
-- :func:`megatron_optimizer_config`: a drop-in for
-  ``megatron.training.training.get_megatron_optimizer_config(args)`` that does exactly that and
-  adds the per-group learning rates (:func:`param_group_overrides`).
-- :func:`wandb_environment`: environment for W&B (offline unless a project is set).
+- :func:`to_megatron_args`: Megatron's own flags for every key, plus the plugin's ``--hyperball-*``
+  flags (``mcore.args.add_plugin_args`` adds them to Megatron's parser): ``--optimizer adamh`` /
+  ``muonh`` directly, the sphere options for those, the per-group peak lrs when set, the
+  per-matrix metrics interval.
+- :func:`megatron_argv`: that plus what the launch needs: ``--load`` = ``--save`` (the same
+  command again resumes), the local layer spec's flags, gloo and no fused GPU kernels on CPU, and
+  extra Megatron flags from the command line (a later flag wins).
+- :func:`wandb_environment` / :func:`set_environment`: W&B offline unless a project is set;
+  ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with tensor parallelism.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from megatron_hyperball.config.schema import OPTIMIZER_NAMES, HyperballConfig
+from megatron_hyperball import names
+from megatron_hyperball.config import HyperballConfig
 
 __all__ = [
-    "DEFAULT_WANDB_PROJECT", "resolve_transformer_impl", "to_megatron_args", "hyperball_optimizer_fields",
-    "param_group_overrides", "megatron_optimizer_config", "wandb_environment", "embedded_data_dir",
-    "prepare_embedded_data",
+    "DEFAULT_WANDB_PROJECT", "resolve_transformer_impl", "to_megatron_args", "megatron_argv", "wandb_environment",
+    "set_environment",
 ]
 
 DEFAULT_WANDB_PROJECT = "megatron-hyperball"
@@ -50,26 +47,7 @@ def resolve_transformer_impl(cfg: HyperballConfig) -> str:
     impl = cfg.model.transformer_impl
     if impl != "auto":
         return impl
-    from megatron_hyperball.models.depth_mup import have_transformer_engine
-
-    return "transformer_engine" if have_transformer_engine() else "local"
-
-
-def embedded_data_dir(cfg: HyperballConfig) -> str:
-    return cfg.data.embedded_dir
-
-
-def prepare_embedded_data(cfg: HyperballConfig, verbose: bool = True) -> Optional[dict]:
-    """Write the embedded corpus if ``data.data_path`` is 'embedded' (a no-op when already there).
-
-    Returns the corpus manifest, or None for your own data. Call it on one rank (e.g. global
-    rank 0, then a barrier) before Megatron builds its datasets.
-    """
-    if not cfg.data.embedded:
-        return None
-    from megatron_hyperball.data.prepare import prepare
-
-    return prepare(cfg.data.embedded_dir, int(cfg.data.embedded_max_mb * 1e6), verbose=verbose)
+    return "transformer_engine" if _have_te() else "local"
 
 
 def _wandb_dirs(cfg: HyperballConfig) -> tuple[Optional[str], Optional[str]]:
@@ -88,12 +66,10 @@ def _wandb_dirs(cfg: HyperballConfig) -> tuple[Optional[str], Optional[str]]:
 
 
 def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = None) -> list[str]:
-    """``megatron.training`` command-line flags for ``cfg`` (lr resolved through the lr law).
+    """``megatron.training`` flags for ``cfg`` (lr resolved through the lr law), the plugin's included.
 
-    Not expressed as flags (the entry applies them): the hyperball optimizer name and options
-    (:func:`hyperball_optimizer_fields`), per-group lrs (:func:`param_group_overrides`),
-    Depth-muP (``cfg.block_output_alpha()`` with ``models.get_gpt_layer_spec_with_depth_mup``),
-    SqrtGate / router sphere, the instability-indicator interval, W&B mode (environment).
+    Not flags: Depth-muP (the model provider reads ``cfg.block_output_alpha()``) and the W&B mode
+    (:func:`wandb_environment`).
     """
     m, par, data, opt, sch = cfg.model, cfg.parallelism, cfg.data, cfg.optimizer, cfg.schedule
     a: list[str] = []
@@ -176,7 +152,8 @@ def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = 
     flag("--num-workers", data.num_workers)
 
     # optimizer
-    flag("--optimizer", OPTIMIZER_NAMES[opt.name])
+    spec = names.OPTIMIZERS[opt.name]
+    flag("--optimizer", opt.name if spec.sphere else spec.megatron)  # adamh / muonh: add_plugin_args' names
     flag("--lr", cfg.resolved_lr())
     flag("--min-lr", cfg.resolved_min_lr())
     flag("--weight-decay", float(opt.weight_decay))
@@ -188,6 +165,13 @@ def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = 
         flag("--muon-momentum", 0.95 if opt.momentum is None else float(opt.momentum))
         flag("--muon-num-ns-steps", 5 if opt.ns_steps is None else opt.ns_steps)
         flag("--muon-nesterov", True if opt.nesterov is None else opt.nesterov)
+    if spec.sphere:
+        flag("--hyperball-radius", "init" if opt.radius is None else opt.radius)
+        flag("--hyperball-update-norm", "exact" if opt.update_norm is None else opt.update_norm)
+        flag("--hyperball-output-layer", opt.output_layer_on_sphere)
+    flag("--hyperball-embedding-lr", opt.embedding_lr)  # absolute peak lrs; each decays to min_lr / lr of it
+    flag("--hyperball-output-lr", opt.output_lr)
+    flag("--hyperball-scalar-lr", opt.scalar_lr)
 
     # schedule
     flag("--train-iters", sch.train_iters)
@@ -214,6 +198,7 @@ def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = 
 
     # logging
     flag("--log-interval", cfg.logging.log_interval)
+    flag("--hyperball-metrics-interval", cfg.resolved_metrics_interval())
     tb, wandb_dir = _wandb_dirs(cfg)
     flag("--tensorboard-dir", tb)
     wb = cfg.logging.wandb
@@ -230,71 +215,36 @@ def wandb_environment(cfg: HyperballConfig) -> dict[str, str]:
     return {"WANDB_MODE": cfg.logging.wandb.resolved_mode()}
 
 
-def hyperball_optimizer_fields(cfg: HyperballConfig) -> dict[str, Any]:
-    """Fields of ``megatron_hyperball.megatron.options.HyperballOptimizerConfig`` set by ``cfg``.
-
-    Always ``optimizer`` (Megatron's name: 'adam', 'muon', 'adamh', 'muonh'); for sphere
-    optimizers also ``hyperball_radius``, ``hyperball_update_norm``, ``hyperball_output_layer``.
-    """
-    opt = cfg.optimizer
-    if not opt.sphere:
-        return {"optimizer": OPTIMIZER_NAMES[opt.name]}
-    return {
-        "optimizer": opt.name,
-        "hyperball_radius": "init" if opt.radius is None else opt.radius,
-        "hyperball_update_norm": "exact" if opt.update_norm is None else opt.update_norm,
-        "hyperball_output_layer": bool(opt.output_layer_on_sphere),
-    }
-
-
-def _is_embedding(param, name: str) -> bool:
-    return name.endswith(("embedding.word_embeddings.weight", "embedding.position_embeddings.weight"))
-
-
-def _is_output(param, name: str) -> bool:
-    return name.endswith("output_layer.weight")
+def megatron_argv(cfg: HyperballConfig, *, cpu: bool, extra: Sequence[str] = ()) -> list[str]:
+    """The entry's ``megatron.training`` command line: :func:`to_megatron_args` plus the launch's flags."""
+    impl = "local" if cpu else resolve_transformer_impl(cfg)
+    argv = to_megatron_args(cfg, transformer_impl=impl)
+    ck = cfg.checkpoint
+    if ck.save is not None and ck.load is None:
+        argv += ["--load", ck.save]  # resume from the latest checkpoint in the save dir, if any
+    if "--tensorboard-dir" in argv:
+        argv += ["--log-validation-ppl-to-tensorboard"]
+    if impl == "local":
+        argv += ["--no-persist-layer-norm"]  # the local spec's torch norms have no persistent kernel
+        if not _have_te():
+            argv += ["--no-rope-fusion"]  # Megatron's fused RoPE comes from Transformer Engine
+    if cpu:
+        # gloo; and Megatron's torch.compile fusions off: they only exist to fuse GPU kernels
+        argv += ["--distributed-backend", "gloo", "--no-bias-swiglu-fusion", "--no-bias-gelu-fusion",
+                 "--no-bias-dropout-fusion", "--no-masked-softmax-fusion"]
+    return argv + list(extra)
 
 
-def _is_scalar(param, name: str) -> bool:
-    return param.dim() == 1
+def _have_te() -> bool:
+    from megatron_hyperball.models.depth_mup import have_transformer_engine
+
+    return have_transformer_engine()
 
 
-def param_group_overrides(cfg: HyperballConfig) -> dict:
-    """Megatron ``config_overrides`` for optimizer.embedding_lr / output_lr / scalar_lr.
-
-    Each maps a ``ParamKey`` to ``{'max_lr': lr_g, 'min_lr': lr_g * min_lr / lr}`` (the group
-    decays on the same schedule to the same fraction of its peak as the rest).
-    """
-    from megatron.core.optimizer import ParamKey, ParamWithNamePredicate
-
-    opt, frac = cfg.optimizer, cfg.min_lr_fraction()
-    out = {}
-    for key, lr, fn in (("embedding_lr", opt.embedding_lr, _is_embedding),
-                        ("output_lr", opt.output_lr, _is_output),
-                        ("scalar_lr", opt.scalar_lr, _is_scalar)):
-        if lr is not None:
-            pred = ParamWithNamePredicate(name=f"hyperball_{key}", fn=fn)
-            out[ParamKey(with_name_predicate=pred)] = {"max_lr": float(lr), "min_lr": float(lr) * frac}
-    return out
-
-
-def megatron_optimizer_config(cfg: HyperballConfig, args: Any):
-    """(optimizer config, config_overrides) for ``get_megatron_optimizer``, from Megatron's args.
-
-    Like ``megatron.training.training.get_megatron_optimizer_config(args)`` (every
-    ``OptimizerConfig`` field read from ``args``), but a ``HyperballOptimizerConfig`` with
-    :func:`hyperball_optimizer_fields` applied, and the standard overrides plus
-    :func:`param_group_overrides`. The entry can install it with
-    ``training.get_megatron_optimizer_config = lambda args: megatron_optimizer_config(cfg, args)``.
-    """
-    from megatron.core.optimizer import get_standard_config_overrides
-
-    from megatron_hyperball.megatron.options import HyperballOptimizerConfig
-
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(HyperballOptimizerConfig)
-              if hasattr(args, f.name)}
-    kwargs.update(hyperball_optimizer_fields(cfg))
-    config = HyperballOptimizerConfig(**kwargs)
-    overrides = dict(get_standard_config_overrides(config=config))
-    overrides.update(param_group_overrides(cfg))
-    return config, overrides
+def set_environment(cfg: HyperballConfig) -> None:
+    """W&B's mode; with TP > 1 ``CUDA_DEVICE_MAX_CONNECTIONS=1``, which Megatron's validate_args
+    requires before Blackwell (one CUDA work queue keeps TP communication ordered with compute).
+    Call it before CUDA is initialised."""
+    os.environ.update(wandb_environment(cfg))
+    if cfg.parallelism.tp > 1:
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

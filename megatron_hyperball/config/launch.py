@@ -1,0 +1,89 @@
+"""The checks between a valid config and the launch that runs it, before any process group exists.
+
+- the number of processes: tp * pp must divide it, the global batch must split over the
+  data-parallel ranks, ep must fit the data-parallel size;
+- values this release accepts in the schema but cannot run yet (SqrtGate, row-normalised router,
+  fp32 on Megatron's layer-wise optimizer in the failing combinations of megatron-core 0.19.2);
+- on a machine without CUDA: what the CPU path (gloo) cannot do.
+
+Problems are (key path, message) pairs, reported like the schema's in one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from megatron_hyperball.config.load import load_config, split_argv
+from megatron_hyperball.config.schema import ConfigError, HyperballConfig
+
+__all__ = ["launch_problems", "config_for_launch"]
+
+
+def _layout_problems(cfg: HyperballConfig, world_size: int) -> list[tuple[str, str]]:
+    par, sch = cfg.parallelism, cfg.schedule
+    mp = par.tp * par.pp
+    if world_size % mp:
+        return [("parallelism", f"tp * pp = {mp} does not divide the number of processes {world_size}; "
+                                f"launch a multiple of {mp} processes")]
+    p = []
+    dp = world_size // mp
+    if sch.global_batch_size % (sch.micro_batch_size * dp):
+        p.append(("schedule.global_batch_size",
+                  f"{sch.global_batch_size} is not divisible by schedule.micro_batch_size * data-parallel size "
+                  f"= {sch.micro_batch_size} * {dp} (dp = {world_size} processes / (tp * pp = {mp})); allowed: "
+                  f"a multiple of {sch.micro_batch_size * dp}"))
+    if cfg.model.moe is not None and dp % par.ep and (dp * par.tp) % par.ep:
+        p.append(("parallelism.ep", f"{par.ep} does not divide the data-parallel size {dp}"))
+    return p
+
+
+def _not_implemented(cfg: HyperballConfig) -> list[tuple[str, str]]:
+    p = []
+    moe = cfg.model.moe
+    if moe is not None and moe.sqrt_gate:
+        p.append(("model.moe.sqrt_gate", "SqrtGate is not implemented in this release; allowed: false"))
+    if moe is not None and moe.router_sphere == "row":
+        p.append(("model.moe.router_sphere", "'row' is not implemented in this release; allowed: frobenius, none"))
+    # megatron-core 0.19.2's layer-wise optimizer in fp32 (checked on CPU): Muon fails when the
+    # optimizer is built (ChainedOptimizer's config assert); MuonH trains but its first checkpoint
+    # save fails (the fp32 members are FP32Optimizers, whose sharded state dict has no 'optimizer'
+    # key, which LayerWiseDistributedOptimizer.sharded_state_dict reads)
+    opt = cfg.optimizer
+    if cfg.precision == "fp32" and opt.muon_family and cfg.parallelism.distributed_optimizer:
+        if opt.name == "muon":
+            p.append(("precision", "fp32 with optimizer 'muon' on Megatron's layer-wise optimizer fails in "
+                                   "megatron-core 0.19.2; allowed: bf16"))
+        elif cfg.checkpoint.save is not None:
+            p.append(("precision", "fp32 with optimizer 'muonh' on the layer-wise optimizer cannot save "
+                                   "checkpoints yet (megatron-core 0.19.2); allowed: bf16, or no checkpoint.save"))
+    return p
+
+
+def _cpu_problems(cfg: HyperballConfig) -> list[tuple[str, str]]:
+    p = []
+    if cfg.model.transformer_impl == "transformer_engine":
+        p.append(("model.transformer_impl", "'transformer_engine' needs CUDA, and this machine has none; "
+                                            "allowed on CPU: auto, local"))
+    if cfg.precision == "fp16":
+        p.append(("precision", "fp16 (dynamic loss scaling) is not supported on CPU; allowed on CPU: bf16, fp32"))
+    moe = cfg.model.moe
+    if moe is not None and moe.token_dispatcher != "allgather":
+        p.append(("model.moe.token_dispatcher", f"'{moe.token_dispatcher}' needs all-to-all, which gloo "
+                                                f"lacks; allowed on CPU: allgather"))
+    return p
+
+
+def launch_problems(cfg: HyperballConfig, world_size: int, *, cpu: bool) -> list[tuple[str, str]]:
+    """Problems between ``cfg`` and a launch of ``world_size`` processes (on CPU when ``cpu``)."""
+    return _layout_problems(cfg, world_size) + _not_implemented(cfg) + (_cpu_problems(cfg) if cpu else [])
+
+
+def config_for_launch(argv: Sequence[str], world_size: int, *, cpu: bool) -> tuple[HyperballConfig, list[str]]:
+    """The validated config of ``--config PATH [overrides] [other]`` for this launch, and the other
+    arguments; one ConfigError (naming the file) for every problem of the config or the launch."""
+    path, overrides, rest = split_argv(argv)
+    cfg = load_config(path, overrides)
+    problems = launch_problems(cfg, world_size, cpu=cpu)
+    if problems:
+        raise ConfigError(problems, path)
+    return cfg, rest

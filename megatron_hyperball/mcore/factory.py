@@ -1,0 +1,208 @@
+"""``get_megatron_optimizer`` for the hyperball optimizers.
+
+- ``adamh`` runs on Megatron's own ZeRO-1 ``DistributedOptimizer`` (or its non-sharded mixed-
+  precision wrappers): the factory builds Megatron's Adam as usual, then the inner torch AdamW of
+  each Megatron optimizer is replaced by ``optim.AdamH`` over the very same fp32 (shard) params and
+  param groups, with a sphere index that sums each matrix's partial norms over the DP shard group and TP.
+- ``muonh`` runs through Megatron's emerging-optimizer registry (layer-wise distributed
+  optimizer or the non-sharded wrappers) as ``TensorParallelMuonH``; after construction the
+  adapter installs its sphere index (norms summed over TP).
+Other optimizer names go to Megatron's original factory untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import DistributedOptimizer, ParamKey, ParamWithNamePredicate, get_standard_config_overrides
+
+from megatron_hyperball import names
+from megatron_hyperball.mcore import tree
+from megatron_hyperball.mcore.muon_tp import TensorParallelMuonH
+from megatron_hyperball.mcore.options import hyperball_options
+from megatron_hyperball.mcore.reduce import Reduction, all_reduce_partials_, group_size
+from megatron_hyperball.mcore.roles import is_sphere_param, named_params
+from megatron_hyperball.mcore.sphere_index import build_index, full_shape
+from megatron_hyperball.optim import AdamH
+from megatron_hyperball.optim.sphere import fixed_radius
+
+#: Megatron's own get_megatron_optimizer (set by the ``optimizer_factory`` patch).
+megatron_get_megatron_optimizer = None
+
+
+# -- checks before any optimizer is built -----------------------------------------------------------
+def _check_no_weight_decay_on_spheres(config, config_overrides, spheres, names) -> None:
+    if not config_overrides:
+        return
+    for key, override in config_overrides.items():
+        if override.get("wd_mult", 0.0) == 0.0:
+            continue
+        for p in spheres:
+            if key.matches(p, names[p]):
+                raise ValueError(
+                    f"config_overrides asks for weight decay (wd_mult={override['wd_mult']}) on "
+                    f"'{names[p]}', a sphere matrix of optimizer '{config.optimizer}'. Weight decay "
+                    f"is a first-order no-op on the sphere, so sphere parameters take none "
+                    f"(allowed: wd_mult=0.0, or leave them out of the override)."
+                )
+
+
+def _check_muon_layout(config, model_chunks) -> None:
+    """MuonH needs whole gradients: refuse a DDP that reduce-scatters them for ZeRO-1."""
+    ddp_config = getattr(model_chunks[0], "ddp_config", None)
+    if ddp_config is None or not ddp_config.use_distributed_optimizer:
+        return  # gradients are all-reduced: every rank holds whole matrices
+    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    layer_wise = config.use_layer_wise_distributed_optimizer or config.optimizer.startswith("dist_")
+    has_layout = getattr(model_chunks[0], "full_param_layout", None) is not None
+    if dp > 1 and not (layer_wise and has_layout):
+        raise ValueError(
+            f"optimizer '{config.optimizer}' (MuonH) orthogonalizes whole matrices, but this DDP was "
+            f"built for the ZeRO-1 DistributedOptimizer (use_distributed_optimizer=True), which "
+            f"reduce-scatters gradients so no rank holds a whole matrix. Use Megatron's layer-wise "
+            f"layout: OptimizerConfig(use_layer_wise_distributed_optimizer=True) and build DDP with "
+            f"LayerWiseDistributedOptimizer.compute_full_param_layout(...) (or build DDP with "
+            f"use_distributed_optimizer=False)."
+        )
+
+
+@torch.no_grad()
+def prepare_model_spheres(spheres, param_names, radius, pg_collection) -> None:
+    """Refuse zero matrices and move matrices onto a fixed-radius sphere, on the model params.
+
+    Runs before Megatron copies model params into its fp32 main params. Norms of TP-sharded
+    matrices are summed over TP (one all-reduce per TP group).
+    """
+    sq = torch.stack([p.detach().float().pow(2).sum() for p in spheres]) if spheres else torch.zeros(0)
+    all_reduce_partials_(sq.unsqueeze(1), [
+        Reduction(tp_group=tree.tp_group_of(p, pg_collection),
+                  replicated_over_tp=not getattr(p, "tensor_model_parallel", False)) for p in spheres])
+    norms = sq.sqrt().tolist()
+    for p, norm in zip(spheres, norms):
+        if not norm > 0 or norm == float("inf"):
+            raise ValueError(
+                f"parameter '{param_names[p]}' (shape {tuple(p.shape)}) has Frobenius norm {norm}; a "
+                f"sphere needs a finite nonzero matrix. Initialise it (e.g. init_method_std > 0) "
+                f"or keep it off the sphere."
+            )
+        r = fixed_radius(radius, full_shape(p, tree.tp_group_of(p, pg_collection)))
+        if r is not None:
+            p.mul_(r / norm)
+
+
+# -- after construction: install sphere indexes ------------------------------------------------------
+def _sphere_index_for(leaf, sphere_set, pg_collection):
+    mains = {p: m.tensor for p, m in tree.main_params(leaf).items() if p in sphere_set}
+    for model_param, main in mains.items():
+        main._hyperball_model_param = model_param  # the TP attributes live on the model param
+    if isinstance(leaf, DistributedOptimizer):
+        # every rank numbers all spheres of the buffers, its slice possibly empty
+        spheres = [p for buf in leaf.buffers for p in buf.params if p in sphere_set]
+        dp_group = leaf.data_parallel_group
+    else:
+        spheres = list(mains)  # whole matrices: only this rank's (layer-wise: its share)
+        dp_group = None
+    device = next(iter(mains.values())).device if mains else torch.device(
+        "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu")
+    index = build_index(spheres, mains, lambda p: (dp_group, tree.tp_group_of(p, pg_collection)), device)
+    _check_same_count_over_tp(index)
+    return index
+
+
+def _check_same_count_over_tp(index) -> None:
+    """Ranks that sum partials must agree on the sphere list; never train apart silently."""
+    for tp_group in {id(r.tp_group): r.tp_group for r in index.reductions}.values():
+        if group_size(tp_group) <= 1:
+            continue
+        mine = sum(1 for r in index.reductions if r.tp_group is tp_group)
+        hi = torch.tensor([mine], dtype=torch.float64, device=index.device)
+        lo = hi.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=tp_group)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=tp_group)
+        if hi.item() != lo.item():
+            raise RuntimeError(
+                f"hyperball: TP ranks hold different numbers of sphere matrices ({lo.item():.0f} vs "
+                f"{hi.item():.0f}); their norms cannot be summed. This layout is not supported."
+            )
+
+
+def _install_adamh(leaf, config, hb, sphere_set, pg_collection) -> None:
+    if getattr(leaf, "is_stub_optimizer", False) or not hasattr(leaf, "optimizer"):
+        return
+    if not config.decoupled_weight_decay:
+        raise ValueError("optimizer 'adamh' supports decoupled weight decay only "
+                         "(OptimizerConfig.decoupled_weight_decay=True)")
+    index = _sphere_index_for(leaf, sphere_set, pg_collection)
+    groups = leaf.optimizer.param_groups
+    for group in groups:
+        group["sphere"] = any(index.sphere_of(p) is not None for p in group["params"])
+        if group["sphere"]:
+            group["weight_decay"] = 0.0  # wd_mult is 0 for spheres; Megatron's scheduler keeps it so
+    leaf.optimizer = AdamH.over_param_groups(
+        groups,
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        radius=hb.radius,
+        update_norm=hb.update_norm,
+        sphere_index=index,
+        prepare_spheres=False,
+    )
+
+
+def _check_known_name(name: str) -> None:
+    """An optimizer name neither Megatron nor this plugin knows: say which names exist."""
+    from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS
+
+    known = {"adam", "sgd", *_EMERGING_OPTIMIZERS, *names.HYPERBALL_OPTIMIZERS, "adam_hyperball"}
+    if name not in known and name.removeprefix("dist_") not in _EMERGING_OPTIMIZERS:
+        raise ValueError(
+            f"OptimizerConfig.optimizer={name!r} is not a known optimizer; allowed: "
+            f"{', '.join(sorted(known))}"
+        )
+
+
+def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True,
+                           pg_collection=None, dump_param_to_param_group_map=None):
+    """Megatron's ``get_megatron_optimizer``, plus 'adamh' / 'muonh' (aliases adam_hyperball,
+    muon_hyperball). See the module doc for how each is built."""
+    original = megatron_get_megatron_optimizer
+    name = names.hyperball_name(config.optimizer.removeprefix("dist_"))
+    if name is None:
+        _check_known_name(config.optimizer)
+        return original(config, model_chunks, config_overrides, use_gloo_process_groups,
+                        pg_collection, dump_param_to_param_group_map)
+    hb = hyperball_options(config)
+    if name == "muonh" and hb.output_layer:
+        raise ValueError("hyperball_output_layer=True is for adamh; with muonh the output layer takes Adam")
+    param_names = named_params(model_chunks)
+    spheres = [p for p, n in param_names.items() if is_sphere_param(n, p, output_layer=hb.output_layer)]
+    sphere_set = set(spheres)
+    _check_no_weight_decay_on_spheres(config, config_overrides, spheres, param_names)
+    if name == "muonh":
+        _check_muon_layout(config, model_chunks)
+    prepare_model_spheres(spheres, param_names, hb.radius, pg_collection)
+
+    overrides = dict(get_standard_config_overrides(config) if config_overrides is None else config_overrides)
+    on_sphere = ParamWithNamePredicate(name="hyperball_sphere", fn=lambda p, _n: p in sphere_set)
+    overrides[ParamKey(with_name_predicate=on_sphere)] = {"wd_mult": 0.0}
+
+    if name == "adamh":
+        adam_config = dataclasses.replace(config, optimizer="adam")
+        opt = original(adam_config, model_chunks, overrides, use_gloo_process_groups, pg_collection,
+                       dump_param_to_param_group_map)
+        for leaf in tree.leaves(opt):
+            _install_adamh(leaf, config, hb, sphere_set, pg_collection)
+        return opt
+
+    muon_config = dataclasses.replace(
+        config, optimizer="dist_muonh" if config.optimizer.startswith("dist_") else "muonh")
+    opt = original(muon_config, model_chunks, overrides, use_gloo_process_groups, pg_collection,
+                   dump_param_to_param_group_map)
+    for leaf in tree.leaves(opt):
+        if isinstance(tree.inner(leaf), TensorParallelMuonH):
+            tree.inner(leaf).set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection))
+    return opt

@@ -1,0 +1,104 @@
+"""The hyperball optimizers inside megatron-core's optimizer factory.
+
+- ``get_megatron_optimizer`` builds 'adamh' / 'muonh' (and aliases) through the adapter
+  (``mcore.factory``) and passes every other name to Megatron's own function.
+- ``_EMERGING_OPTIMIZERS['muonh' / 'muon_hyperball']``: MuonH with Megatron's TP-aware
+  Newton-Schulz, so Megatron's layer-wise optimizer builds it like its own Muon.
+- fp32 members of ``LayerWiseDistributedOptimizer`` get Megatron's ``FP32Optimizer`` wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+from megatron_hyperball.patches import Patch, register, replace
+
+VERSIONS = ("0.19.",)
+
+
+def _install_factory() -> None:
+    import megatron.core.optimizer as mcore_optimizer
+
+    from megatron_hyperball.mcore import factory
+
+    factory.megatron_get_megatron_optimizer = replace(
+        mcore_optimizer, "get_megatron_optimizer", factory.get_megatron_optimizer)
+    trainer = sys.modules.get("megatron.training.training")  # imported the name before us
+    if trainer is not None and getattr(trainer, "get_megatron_optimizer", None) is factory.megatron_get_megatron_optimizer:
+        replace(trainer, "get_megatron_optimizer", factory.get_megatron_optimizer)
+
+
+register(Patch(
+    name="optimizer_factory",
+    target="megatron.core.optimizer.get_megatron_optimizer",
+    versions=VERSIONS,
+    why="Megatron's factory knows adam, sgd and its emerging optimizers only; AdamH must run on the ZeRO-1 "
+        "DistributedOptimizer (Megatron builds its Adam, the adapter swaps the inner torch optimizer) and MuonH "
+        "needs its sphere index installed after Megatron's layer-wise optimizer is built.",
+    install=_install_factory,
+))
+
+
+def _install_registry() -> None:
+    from megatron.core.optimizer import emerging_optimizers as eopt
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+    from megatron_hyperball.mcore import muon_tp, roles
+
+    entry = eopt.EmergingOptimizerEntry(
+        optimizer_cls=muon_tp.TensorParallelMuonH,
+        init_state_fn=eopt._eopt_init_state_fn,
+        config_to_kwargs=muon_tp.config_to_kwargs,
+        # everything off the sphere takes Adam (the same rule as roles.is_sphere_param)
+        default_param_overrides={
+            ParamKey(with_name_predicate=ParamWithNamePredicate(
+                name="not_on_sphere", fn=lambda p, n: not roles.is_sphere_param(n, p))
+            ): {"optimizer": "adam"}
+        },
+    )
+    eopt._EMERGING_OPTIMIZERS["muonh"] = entry
+    eopt._EMERGING_OPTIMIZERS["muon_hyperball"] = entry
+
+
+register(Patch(
+    name="muonh_registry_entry",
+    target="megatron.core.optimizer.emerging_optimizers._EMERGING_OPTIMIZERS['muonh', 'muon_hyperball']",
+    versions=VERSIONS,
+    why="Registers MuonH with Megatron's emerging-optimizer routing (layer-wise distributed optimizer, Adam "
+        "for non-matrices). megatron-core 0.19.2's own 'muon_hyperball' entry is built from emerging-optimizers' "
+        "MuonHyperball and fails with TypeError 'betas'; it is replaced.",
+    install=_install_registry,
+))
+
+
+def _install_layer_wise_fp32() -> None:
+    from megatron.core.optimizer import FP32Optimizer
+    from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+
+    init = LayerWiseDistributedOptimizer.__init__
+
+    @functools.wraps(init)
+    def __init__(self, optimizers, config, *args, **kwargs):
+        init(self, optimizers, config, *args, **kwargs)
+        fns = kwargs.get("init_state_fn_list") or (args[1] if len(args) > 1 else None) or []
+        for i, member in enumerate(self.chained_optimizers):
+            if isinstance(member, torch.optim.Optimizer):
+                wrapped = FP32Optimizer(member, config, fns[i] if i < len(fns) else None)
+                wrapped.grad_stats_parallel_group = None
+                self.chained_optimizers[i] = wrapped
+
+    replace(LayerWiseDistributedOptimizer, "__init__", __init__)
+
+
+register(Patch(
+    name="layer_wise_fp32_members",
+    target="megatron.core.optimizer.layer_wise_optimizer.LayerWiseDistributedOptimizer.__init__",
+    versions=VERSIONS,
+    why="In fp32, megatron-core 0.19.2 chains the raw torch optimizers unwrapped (it wraps them only for bf16), "
+        "and ChainedOptimizer then calls prepare_grads() on a torch optimizer. Give them Megatron's "
+        "FP32Optimizer wrapper, as the non-layer-wise fp32 path does.",
+    install=_install_layer_wise_fp32,
+))
