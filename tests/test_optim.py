@@ -201,3 +201,56 @@ def test_optimizer_name_typo_is_refused():
 def test_muonh_refuses_non_matrix():
     with pytest.raises(ValueError, match=r"shape \(8,\).*matrices only"):
         MuonH([torch.nn.Parameter(torch.randn(8))])
+
+
+def test_adamh_refuses_eps_zero():
+    """eps = 0 would turn one exactly-zero gradient element into 0/0 = NaN, and the sphere step
+    spreads it over the whole matrix through ||u||."""
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    for eps in (0.0, -1e-8, float("inf")):
+        with pytest.raises(ValueError, match=r"AdamH: eps=.*allowed: a positive finite number"):
+            AdamH([w], lr=0.01, eps=eps)
+
+
+def test_late_first_gradient_gets_its_own_bias_correction():
+    """A plain (sphere=False) param whose first gradient arrives at step 3 takes torch AdamW's
+    first update (its own step count), not the group's third-step bias correction."""
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(6, 5), torch.randn(7)
+    a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    ra, rb = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    ours = AdamH([{"params": [a, b], "sphere": False}], lr=0.01, weight_decay=0.0)
+    ref = torch.optim.AdamW([ra, rb], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        ga, gb = torch.randn(6, 5, generator=g), torch.randn(7, generator=g)
+        a.grad, ra.grad = ga.clone(), ga.clone()
+        b.grad = rb.grad = None
+        if step >= 2:
+            b.grad, rb.grad = gb.clone(), gb.clone()
+        ours.step()
+        ref.step()
+    assert ours.state[b]["step"].item() == 4 and ours.state[a]["step"].item() == 6
+    torch.testing.assert_close(a, ra, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b, rb, rtol=1e-6, atol=1e-7)
+
+
+def test_init_radius_is_held_fixed():
+    """radius 'init': R is the norm at the first step and is never re-read, so rounding cannot walk
+    it (re-reading it each step drifted 1.5e-6 in 10,000 steps; held: 2.5e-7, see the note)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(32, 16) * 0.02)
+    r0 = w.detach().float().norm().double().item()
+    opt = AdamH([w], lr=0.02)
+    g = torch.Generator().manual_seed(1)
+    worst, held = 0.0, None
+    for _ in range(1500):
+        w.grad = torch.randn(w.shape, generator=g)
+        opt.step()
+        held = held or opt.sphere_hooks[-1].init_radius.tolist()
+        worst = max(worst, abs(w.detach().double().norm().item() / r0 - 1))
+    assert opt.sphere_hooks[-1].init_radius.tolist() == held  # bitwise the first step's R
+    assert abs(held[0] / r0 - 1) < 1e-7
+    assert worst < 3e-7, worst
+    opt.load_state_dict(opt.state_dict())  # a load forgets it: R is read again from the weights
+    assert opt.sphere_hooks[-1].init_radius is None

@@ -42,8 +42,10 @@ class AdamH(HyperballOptimizer):
     ) -> None:
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"AdamH: betas={betas!r} must each be in [0, 1)")
-        if not eps >= 0.0:
-            raise ValueError(f"AdamH: eps={eps!r} must be >= 0")
+        if not (isinstance(eps, (int, float)) and 0.0 < eps < math.inf):
+            # eps = 0: one exactly-zero gradient element gives 0/0 in u, and the sphere step
+            # spreads that NaN over the whole matrix through ||u||
+            raise ValueError(f"AdamH: eps={eps!r}; allowed: a positive finite number (e.g. 1e-8)")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, radius=radius, update_norm=update_norm,
             weight_decay=weight_decay,
@@ -53,41 +55,50 @@ class AdamH(HyperballOptimizer):
 
     def base_update(
         self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], on_sphere: list[bool]
-    ) -> tuple[list[torch.Tensor], float]:
-        # The step count lives in the group (as TE's FusedAdam keeps it) and is mirrored in each
-        # param's state (as torch's AdamW keeps it), so Megatron's checkpointing finds it either way.
-        t = group["step"] = int(group.get("step", 0)) + 1
-        step = torch.tensor(float(t))
-        ms, vs = [], []
-        for p in params:
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        # Each param counts its own steps (state 'step', as torch's AdamW), so one whose first
+        # gradient arrives late gets its own bias correction; the group counts the group's steps
+        # (as TE's FusedAdam), which is what Megatron's checkpoint keeps.
+        group["step"] = int(group.get("step", 0)) + 1
+        b1, b2 = group["betas"]
+        by_step: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
             state = self.state[p]
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] = step
-            ms.append(state["exp_avg"])
-            vs.append(state["exp_avg_sq"])
-        b1, b2 = group["betas"]
-        # multi-tensor kernels: m = b1 m + (1-b1) G;  v = b2 v + (1-b2) G^2
-        torch._foreach_lerp_(ms, grads, 1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
-        # m_hat / (sqrt(v_hat) + eps) = c * m / (sqrt(v) + eps sqrt(bc2)),  c = sqrt(bc2) / bc1:
-        # the bias corrections become one scalar, as in torch's Adam, and save two passes
-        bc2_sqrt = math.sqrt(1 - b2**t)
-        c = bc2_sqrt / (1 - b1**t)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, group["eps"] * bc2_sqrt)
-        plain = [i for i, s in enumerate(on_sphere) if not s]
-        if plain:  # AdamW: decoupled weight decay, then W -= lr c m / denom
-            plain_p = [params[i] for i in plain]
-            if group["weight_decay"] != 0:
-                torch._foreach_mul_(plain_p, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_addcdiv_(plain_p, [ms[i] for i in plain], [denom[i] for i in plain],
-                                    value=-group["lr"] * c)
-        sphere = [i for i, s in enumerate(on_sphere) if s]
-        us = torch._foreach_div([ms[i] for i in sphere], [denom[i] for i in sphere]) if sphere else []
-        return us, c
+            t = int(state.get("step", 0)) + 1
+            state["step"] = torch.tensor(float(t))
+            by_step.setdefault(t, []).append(i)
+        us: list[torch.Tensor | None] = [None] * len(params)
+        cs: list[float] = [1.0] * len(params)
+        for t, idx in by_step.items():  # one bucket in a steady run
+            ms = [self.state[params[i]]["exp_avg"] for i in idx]
+            vs = [self.state[params[i]]["exp_avg_sq"] for i in idx]
+            gs = [grads[i] for i in idx]
+            # multi-tensor kernels: m = b1 m + (1-b1) G;  v = b2 v + (1-b2) G^2
+            torch._foreach_lerp_(ms, gs, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+            # m_hat / (sqrt(v_hat) + eps) = c * m / (sqrt(v) + eps sqrt(bc2)),  c = sqrt(bc2) / bc1:
+            # the bias corrections become one scalar, as in torch's Adam, and save two passes
+            bc2_sqrt = math.sqrt(1 - b2**t)
+            c = bc2_sqrt / (1 - b1**t)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, group["eps"] * bc2_sqrt)
+            plain = [k for k, i in enumerate(idx) if not on_sphere[i]]
+            if plain:  # AdamW: decoupled weight decay, then W -= lr c m / denom
+                plain_p = [params[idx[k]] for k in plain]
+                if group["weight_decay"] != 0:
+                    torch._foreach_mul_(plain_p, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_addcdiv_(plain_p, [ms[k] for k in plain], [denom[k] for k in plain],
+                                        value=-group["lr"] * c)
+            sphere = [k for k, i in enumerate(idx) if on_sphere[i]]
+            if sphere:
+                for k, u in zip(sphere, torch._foreach_div([ms[k] for k in sphere], [denom[k] for k in sphere])):
+                    us[idx[k]], cs[idx[k]] = u, c
+        keep = [i for i, s in enumerate(on_sphere) if s]
+        return [us[i] for i in keep], [cs[i] for i in keep]
 
     def shape_scale(self, shape: tuple[int, int]) -> float:
         return 1.0  # Adam's update as is (DESIGN.md §2, update-norm 'shape')

@@ -102,6 +102,11 @@ class HyperballOptimizer(torch.optim.Optimizer):
             return self._sphere_index
         return sphere.whole_matrix_index([p for g in self.param_groups if g["sphere"] for p in g["params"]])
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for hook in self.sphere_hooks:
+            hook.reset()
+
     def prepare_spheres(self) -> None:
         """Every hook's ``prepare`` on the whole matrices this process holds."""
         for hook in self.sphere_hooks:
@@ -113,7 +118,8 @@ class HyperballOptimizer(torch.optim.Optimizer):
     ) -> tuple[list[torch.Tensor], float]:
         """The base optimizer on one group: step the params that are not on a sphere, and return
         (u, c) for those that are, where the base optimizer's own update is c * u (c: a per-step
-        scalar kept out of the tensors; exact mode normalizes it away, shape mode uses it)."""
+        scalar kept out of the tensors, or one per sphere param; exact mode normalizes it away,
+        shape mode uses it)."""
         raise NotImplementedError
 
     def shape_scale(self, shape: tuple[int, int]) -> float:
@@ -148,8 +154,10 @@ class HyperballOptimizer(torch.optim.Optimizer):
         for group, params, ks in work:
             gs = [p.grad if k is None else next(grads) for p, k in zip(params, ks)]
             us, c = self.base_update(group, params, gs, [k is not None for k in ks])
+            on = [k for k in ks if k is not None]
+            cs = c if isinstance(c, (list, tuple)) else [c] * len(on)
             batch.updates += us
-            batch.scales += [self.shape_scale(index.shapes[k]) * c for k in ks if k is not None]
+            batch.scales += [self.shape_scale(index.shapes[k]) * ci for k, ci in zip(on, cs)]
         if index.num_spheres == 0:
             return loss
 

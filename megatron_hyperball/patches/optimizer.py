@@ -102,3 +102,37 @@ register(Patch(
         "FP32Optimizer wrapper, as the non-layer-wise fp32 path does.",
     install=_install_layer_wise_fp32,
 ))
+
+
+def _install_layer_wise_found_inf() -> None:
+    from megatron.core.optimizer import Float16OptimizerWithFloat16Params
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
+    from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+
+    init = LayerWiseDistributedOptimizer.__init__
+
+    @functools.wraps(init)
+    def __init__(self, optimizers, config, *args, **kwargs):
+        init(self, optimizers, config, *args, **kwargs)
+        if not config.loss_scale:
+            return  # bf16 without a loss scale: Megatron checks nothing, on any path
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        for member in self.chained_optimizers:
+            if isinstance(member, Float16OptimizerWithFloat16Params) and member.grad_scaler is None:
+                member.grad_scaler = ConstantGradScaler(config.loss_scale)
+                member.found_inf = torch.tensor([0.0], dtype=torch.float, device=device)
+
+    replace(LayerWiseDistributedOptimizer, "__init__", __init__)
+
+
+register(Patch(
+    name="layer_wise_found_inf",
+    target="megatron.core.optimizer.layer_wise_optimizer.LayerWiseDistributedOptimizer.__init__",
+    versions=VERSIONS,
+    why="megatron-core 0.19.2 wraps bf16 layer-wise members in Float16OptimizerWithFloat16Params with no grad "
+        "scaler even when a loss scale is set (Megatron's switch for found-inf checks in bf16): a non-finite "
+        "gradient is not skipped, the step turns the matrix and its momentum into NaN, and the chain's loss "
+        "scale (read from its first member, the layer-wise one) is 1 while the ZeRO-1 Adam member unscales by "
+        "the configured scale. Members get the same ConstantGradScaler the standard path builds.",
+    install=_install_layer_wise_found_inf,
+))
