@@ -26,6 +26,8 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 
 # shellcheck source=scripts/_launch_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_launch_env.sh"
+# the config first (no torch import): a config error exits with status 2 before torchrun starts
+WORLD_SIZE="$((NNODES * NPROC))" "$PYTHON" "$ROOT/scripts/pretrain_gpt.py" --check-only "$@"
 CMD=("$PYTHON" -m torch.distributed.run
      --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC"
      --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "${EXTRA[@]}"

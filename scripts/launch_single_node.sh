@@ -10,10 +10,14 @@
 #   TORCHRUN_ARGS    extra torchrun arguments, e.g. "--max-restarts 0" (default: none)
 #
 # Every argument is passed to scripts/pretrain_gpt.py. The full command is printed before it runs.
+# The config is checked first (pretrain_gpt.py --check-only, well under a second, no torch import):
+# a config error exits with status 2 before torchrun starts (under torchrun a failed child makes
+# torchrun itself exit 1).
 set -euo pipefail
 
 # shellcheck source=scripts/_launch_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_launch_env.sh"
+WORLD_SIZE="$NPROC" "$PYTHON" "$ROOT/scripts/pretrain_gpt.py" --check-only "$@"
 CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" "${EXTRA[@]}"
      "$ROOT/scripts/pretrain_gpt.py" "$@")
 echo "+ ${OMP_NUM_THREADS:+OMP_NUM_THREADS=$OMP_NUM_THREADS }$(printf '%q ' "${CMD[@]}")"

@@ -1,5 +1,6 @@
 """The YAML schema: validation errors, overrides, launch checks, Megatron arguments, resolved config."""
 
+import importlib.util
 import json
 import math
 import os
@@ -112,11 +113,12 @@ ERRORS = [
     (["hyperp.block_output_scale=-0.5"], "hyperp.block_output_scale", "positive"),
     (["model.num_layers=0"], "model.num_layers", "greater than or equal to 1"),
     (["model.num_layers=0"], "hyperp.block_output_scale", "needs model.num_layers >= 1"),
-    (["model.normalization=rms"], "model.normalization", "'RMSNorm' or 'LayerNorm'"),
-    (["model.position_embedding=alibi"], "model.position_embedding", "'rope', 'learned_absolute' or 'none'"),
+    (["model.normalization=rms"], "model.normalization", "allowed: 'RMSNorm', 'LayerNorm'"),
+    (["model.position_embedding=alibi"], "model.position_embedding", "allowed: 'rope', 'learned_absolute', 'none'"),
     (["parallelism.ep=2"], "parallelism.ep", "without model.moe"),
     (["model.moe={num_experts: 2, topk: 3}"], "model.moe.topk", "> model.moe.num_experts=2"),
-    (["model.moe={num_experts: 4, router_sphere: l2}"], "model.moe.router_sphere", "'frobenius', 'row' or 'none'"),
+    (["model.moe={num_experts: 4, router_sphere: l2}"], "model.moe.router_sphere",
+     "allowed: 'frobenius', 'row', 'none'"),
     (["optimizer.name=adamw", "model.moe={num_experts: 4, router_sphere: frobenius}"],
      "model.moe.router_sphere", "allowed with it: 'row', 'none'"),
     (["model.tokenizer=gpt2bpe"], "model.tokenizer.type", "allowed: 'byte'"),
@@ -127,7 +129,30 @@ ERRORS = [
     (["schedule.global_batch_size=7"], "schedule.global_batch_size", "schedule.micro_batch_size=2"),
     (["optimizer.output_layer_on_sphere=true", "optimizer.name=muonh"], "optimizer.output_layer_on_sphere",
      "allowed only with adamh"),
-    (["precision=fp8"], "precision", "'bf16', 'fp16' or 'fp32'"),
+    (["precision=fp8"], "precision", "'fp8' is not one of the allowed values; allowed: 'bf16', 'fp16', 'fp32'"),
+    # strict types: no bool for a number, no float for a count, no number for a string; finite floats
+    (["schedule.train_iters=10.0"], "schedule.train_iters", "valid integer (got 10.0); allowed: an integer >= 1"),
+    (["schedule.train_iters=true"], "schedule.train_iters", "valid integer (got True)"),
+    (["model.swiglu=1"], "model.swiglu", "valid boolean (got 1); allowed: true or false"),
+    (["optimizer.weight_decay=true"], "optimizer.weight_decay", "valid number (got True); allowed: a finite number"),
+    (["optimizer.lr=.inf"], "optimizer.lr", "finite number (got inf); allowed: a finite number > 0 or null"),
+    (["optimizer.eps=.nan"], "optimizer.eps", "finite number (got nan)"),
+    (["optimizer.lr_law={eta0: 0.01, exponent: .inf}", "optimizer.lr=null"], "optimizer.lr_law.exponent",
+     "finite number"),
+    (["checkpoint.save=123"], "checkpoint.save", "valid string (got 123); allowed: a string"),
+    (["model.num_layers='4'"], "model.num_layers", "valid integer (got '4')"),
+    (["optimizer.betas=[0.9, true]"], "optimizer.betas.1", "valid number (got True)"),
+    (["seed=0"], "seed", "greater than or equal to 1"),
+    (["seed=4294967295", "parallelism.pp=2", "model.num_layers=2"], "seed", "exceeds numpy's seed range"),
+    # combinations Megatron refuses late
+    (["model.hidden_size=72", "model.num_attention_heads=8"], "model.hidden_size",
+     "head dimension 9, which is odd: RoPE"),
+    (["schedule.decay_style=WSD"], "schedule.wsd_decay_iters", "required with schedule.decay_style 'WSD'"),
+    (["schedule.decay_style=WSD", "schedule.wsd_decay_iters=11"], "schedule.wsd_decay_iters", "> the decay length"),
+    (["schedule.wsd_decay_iters=2"], "schedule.wsd_decay_iters", "allowed only with 'WSD'"),
+    (["data.data_path=[0.3, /a, /b, 0.7]"], "data.data_path", "mixes weights and prefixes"),
+    (["data.data_path=[-1, /a]"], "data.data_path", "allowed: positive finite numbers"),
+    (["data.data_path=[true]"], "data.data_path", "is not a prefix or a list of prefixes"),
 ]
 
 
@@ -148,7 +173,10 @@ def test_missing_required_keys():
     err = error_of(base=base)
     paths = [p for p, _ in err.problems]
     assert paths == ["model.num_layers", "schedule", "hyperp.block_output_scale"]
-    assert dict(err.problems)["schedule"] == "required key is missing"
+    assert dict(err.problems)["schedule"].startswith("required key is missing; allowed: a mapping with keys "
+                                                     "train_iters, global_batch_size")
+    assert dict(err.problems)["model.num_layers"] == "required key is missing; allowed: an integer >= 1 " \
+        "(no decimal point, not a boolean)"
 
 
 def test_several_problems_reported_together():
@@ -209,6 +237,123 @@ def test_config_from_argv(tmp_path):
         config_from_argv(["--config", str(path), "optimizer.update_norm=bogus"])
 
 
+def test_yaml_exponent_strings_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-2 as a string; the float keys take it as the number (and only those)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE).replace("lr: 0.02", "lr: 1e-2\n  min_lr: 5e-4\n  betas: [9e-1, 0.99]"))
+    assert yaml.safe_load(path.read_text())["optimizer"]["lr"] == "1e-2"
+    cfg = load_config(path)
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.betas) == (0.01, 5e-4, (0.9, 0.99))
+    assert "schedule.train_iters" in str(error_of("schedule.train_iters=1e3"))  # not for a count
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"model: {num_layers: 2}\x00\x01", "is not a text file (it contains NUL bytes)"),
+    ("model: {num_layers: 2}  # caf\u00e9".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset"),
+    (b"model:\n  num_layers: 2\n  num_layers: 4\n", "line 3, column 3: found key 'num_layers' twice (first on line 2)"),
+    (b"- a\n- b\n", "the top level must be a mapping of sections, got list"),
+    (b"model: [unclosed", "not valid YAML"),
+])
+def test_config_file_contents(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_config_path_not_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; allowed: a YAML config file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="cannot read config file: No such file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_command_line_problems(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match="the following arguments are required: --config"):
+        config_from_argv(["optimizer.lr=0.1"])
+    with pytest.raises(ConfigError, match="argument 'optimizer.lr' has no value; allowed: optimizer.lr=VALUE"):
+        config_from_argv(["--config", str(path), "optimizer.lr", "0.1"])
+    with pytest.raises(ConfigError, match="--set: expected at least one argument"):
+        config_from_argv(["--config", str(path), "--set"])
+    with pytest.raises(ConfigError, match="found key 'x' twice"):
+        config_from_argv(["--config", str(path), "model.moe={x: 1, x: 2}"])
+    # the value of a Megatron flag may look like a key path
+    assert config_from_argv(["--config", str(path), "--data-cache-path", "model.cache"])[1] == \
+        ["--data-cache-path", "model.cache"]
+
+
+# -- pre-flight: files, folders, packages, the checkpoint it resumes ----------------------------------
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_path_problems(tmp_path, monkeypatch):
+    from megatron_hyperball.config import path_problems
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for name in ("a.bin", "a.idx", "b.bin"):
+        (tmp_path / "data" / name).write_bytes(b"")
+    (tmp_path / "afile").write_text("x")
+    own = ["model.tokenizer=null_tokenizer", "model.vocab_size=300"]
+    before = _tree(tmp_path)
+    problems = lambda *o: dict(path_problems(cfg_of(*o)))  # noqa: E731
+
+    assert problems(*own, "data.data_path=data/a", "checkpoint.save=ck/x") == {}
+    p = problems(*own, "data.data_path=[0.5, data/a, 0.5, data/b, 1, data/c]")
+    assert "data/b (data/b.idx does not exist); data/c (data/c.bin and data/c.idx do not exist)" in p["data.data_path"]
+    assert "data/a" not in p["data.data_path"].split(";")[0]
+    p = problems("checkpoint.save=afile", "logging.tensorboard_dir=afile/tb", "data.embedded_dir=afile/d",
+                 "checkpoint.load=nowhere")
+    assert "afile exists and is not a directory" in p["checkpoint.save"]
+    assert "afile/tb cannot be created" in p["logging.tensorboard_dir"] and "is not a directory" in \
+        p["logging.tensorboard_dir"]
+    assert "afile/d cannot be created" in p["data.embedded_dir"]
+    assert "nowhere is not an existing directory" in p["checkpoint.load"]
+    p = problems("checkpoint.save=ck", "logging.wandb.save_dir=afile")
+    assert list(p) == ["logging.wandb.save_dir"]
+    p = problems("checkpoint.save=~/ck", "checkpoint.load=data")
+    assert "starts with '~', which is not expanded" in p["checkpoint.save"]
+    assert "holds no Megatron checkpoint" in p["checkpoint.load"]
+    p = problems("checkpoint.save=afile/ck")  # the W&B dir below it is not reported again
+    assert list(p) == ["checkpoint.save"]
+    p = problems("data.data_path=data/a", "model.tokenizer={type: gpt2bpe, vocab_file: v.json, merge_file: data/a.bin}")
+    assert list(p) == ["model.tokenizer.vocab_file"] and "vocab_file v.json does not exist" in \
+        p["model.tokenizer.vocab_file"]
+    if importlib.util.find_spec("sentencepiece") is None:
+        p = problems("data.data_path=data/a", "model.tokenizer={type: sentencepiece, model: data/a.bin}")
+        assert "needs the Python package 'sentencepiece'" in p["model.tokenizer.type"]
+    assert _tree(tmp_path) == before  # checked without creating anything
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        assert "cannot write" in problems("checkpoint.save=ro/ck")["checkpoint.save"]
+
+
+def test_resume_problems(tmp_path):
+    from megatron_hyperball.config import resume_problems
+
+    cfg = cfg_of(f"checkpoint.save={tmp_path / 'ck'}")
+    assert resume_problems(cfg) == []  # no checkpoint yet
+    save_resolved_config(cfg, tmp_path / "ck")
+    assert resume_problems(cfg) == []  # a config but no checkpoint tracker
+    (tmp_path / "ck" / "latest_checkpointed_iteration.txt").write_text("30")
+    assert resume_problems(cfg) == []
+    assert resume_problems(cfg_of(f"checkpoint.save={tmp_path / 'ck'}", "schedule.train_iters=99",
+                                  "optimizer.lr=0.5", "model.hidden_dropout=0.1")) == []  # not shapes
+    changed = cfg_of(f"checkpoint.save={tmp_path / 'ck'}", "model.hidden_size=128", "model.swiglu=false")
+    p = dict(resume_problems(changed))
+    assert list(p) == ["model.hidden_size", "model.ffn_hidden_size", "model.swiglu"]
+    assert p["model.hidden_size"] == (f"128, but the checkpoint this run resumes (checkpoint.save {tmp_path / 'ck'}, "
+                                      f"iteration 30) has 64 (its hyperball_config.yaml); allowed: 64 to resume it, "
+                                      f"or another checkpoint.save for a new run")
+    assert resume_problems(changed, ["--load", "/elsewhere"]) == []  # Megatron loads from elsewhere
+    moe = dict(resume_problems(cfg_of(f"checkpoint.save={tmp_path / 'ck'}", "model.moe={num_experts: 4}")))
+    assert "model.moe.num_experts" in moe
+
+
 # -- outputs -----------------------------------------------------------------------------------------
 def test_to_megatron_args_values():
     cfg = cfg_of("model.moe={num_experts: 4, topk: 2, aux_loss_coeff: 0.1}", "parallelism.ep=2",
@@ -228,6 +373,7 @@ def test_to_megatron_args_values():
     assert f["--valid-data-path"] == "data/pystdlib/pystdlib_valid"
     assert f["--save"] == "/ck" and f["--save-interval"] == "10"  # default: save at the end
     assert f["--untie-embeddings-and-output-weights"] is True and f["--disable-bias-linear"] is True
+    assert f["--override-opt_param-scheduler"] is True  # resuming follows the config's schedule
     assert f["--no-gradient-accumulation-fusion"] is True
     # W&B offline by default, with the TensorBoard dir Megatron needs to send scalars
     assert f["--wandb-project"] == "megatron-hyperball" and f["--wandb-exp-name"] == "adamh-L2-d64"
@@ -265,8 +411,15 @@ def test_launch_problems():
     assert paths(cfg_of(moe, "model.transformer_impl=transformer_engine", "precision=fp16"), 2) == [
         "model.moe.sqrt_gate", "model.moe.router_sphere", "model.transformer_impl", "precision",
         "model.moe.token_dispatcher"]
+    have_te = importlib.util.find_spec("transformer_engine") is not None
     assert paths(cfg_of(moe, "model.transformer_impl=transformer_engine", "precision=fp16"), 2, cpu=False) == [
-        "model.moe.sqrt_gate", "model.moe.router_sphere"]
+        "model.moe.sqrt_gate", "model.moe.router_sphere"] + ([] if have_te else ["model.transformer_impl"])
+    # the machine is asked (cpu as a callable) only when a choice depends on it
+    asked = []
+    ask = lambda: asked.append(1) or True  # noqa: E731
+    assert launch_problems(cfg_of(), 2, cpu=ask) == [] and asked == []
+    assert [p for p, _ in launch_problems(cfg_of("precision=fp16"), 2, cpu=ask)] == ["precision"] and asked == [1]
+    assert paths(cfg_of("model.moe={num_experts: 4, grouped_gemm: true}"), 2) == ["model.moe.grouped_gemm"]
     assert paths(cfg_of("optimizer.name=muonh", "precision=fp32", "checkpoint.save=/ck"), 2) == ["precision"]
     assert paths(cfg_of("optimizer.name=muonh", "precision=fp32"), 2) == []
     assert "fails in megatron-core 0.19.2" in dict(launch_problems(
@@ -304,6 +457,7 @@ MEGATRON_CASES = {
                                          "checkpoint.save=/tmp/x", "checkpoint.save_interval=5",
                                          "logging.wandb.mode=disabled"],
                            "world_size": 2, "opt_config": True},
+    "wsd": {"overrides": ["schedule.decay_style=WSD", "schedule.wsd_decay_iters=3"], "world_size": 1},
     # TP > 1: Megatron's validate_args asks the GPU for its architecture, so parse only here
     "tp2_parse_only": {"overrides": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],
                        "world_size": 2, "validate": False},
@@ -359,6 +513,10 @@ def test_megatron_parses_and_validates(megatron_parsed):
     assert (w["vocab_size"], w["save"], w["save_interval"], w["wandb_project"]) == (1000, "/tmp/x", 5, None)
 
     assert w["optimizer"] == "adam" and w["hyperball_embedding_lr"] is None
+
+    wsd = megatron_parsed["wsd"]["args"]
+    assert (wsd["lr_decay_style"], wsd["lr_wsd_decay_iters"], wsd["lr_decay_iters"]) == ("WSD", 3, 10)
+    assert a["override_opt_param_scheduler"] is True and a["lr_wsd_decay_iters"] is None  # the config's schedule
 
     t = megatron_parsed["tp2_parse_only"]["args"]
     assert (t["tensor_model_parallel_size"], t["sequence_parallel"]) == (2, True)

@@ -1,6 +1,7 @@
-"""Depth-muP: alpha from the YAML value, the scaled bias-dropout-add, and real GPTModels.
+"""Depth-muP: alpha from the YAML value, the scaled bias-dropout-add, the layer spec.
 
-The model comparison runs in a torchrun worker (gloo, one CPU process): tests/workers/depth_mup_worker.py.
+The comparison on real GPTModels runs under torchrun (gloo, one CPU process):
+tests/distributed/test_depth_mup.py.
 """
 
 import math
@@ -16,7 +17,6 @@ from megatron_hyperball.models.depth_mup import (
     resolve_block_output_scale,
     scaled_bias_dropout_add,
 )
-from tests.conftest import run_torchrun
 
 
 @pytest.mark.parametrize("value,layers,alpha", [
@@ -94,36 +94,3 @@ def test_te_request_falls_back_to_local():
     assert spec.submodules.input_layernorm == local.submodules.input_layernorm
     auto = get_gpt_layer_spec_with_depth_mup(0.5, normalization="RMSNorm")  # use_te None: local here
     assert auto.submodules.self_attention == local.submodules.self_attention
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    return run_torchrun("depth_mup_worker.py", 1, timeout=300)
-
-
-EXPECTED_ALPHA = {"dense_bias_sqrt2L": 1 / math.sqrt(2 * 3), "dense_1_over_L": 1 / 3, "moe_number": 0.3}
-TOL = 1e-6  # float64 models: measured ~4e-16
-
-
-@pytest.mark.parametrize("case", list(EXPECTED_ALPHA))
-def test_residual_increments_scaled_by_alpha(worker, case):
-    r = worker[case]
-    assert r["alpha"] == pytest.approx(EXPECTED_ALPHA[case], rel=1e-15)
-    assert r["bda_alpha"] == r["alpha"] and r["same_weights"]
-    # same input through both models' sub-blocks: increment_scaled == alpha * increment_plain
-    for row in r["same_input"]:
-        assert row["attn_err"] < TOL and row["mlp_err"] < TOL, row
-        assert row["attn_max"] > 0.1 and row["mlp_max"] > 0.1, row  # nontrivial increments
-    # inside full forwards: increment == alpha * sub-block output (alpha = 1 in the plain model)
-    for key in ("in_model_plain", "in_model_scaled", "in_model_scaled_train"):
-        for row in r[key]:
-            assert row["attn_err"] < TOL and row["mlp_err"] < TOL, (key, row)
-    assert r["off"] == 0.0                  # alpha None builds exactly the plain model
-    assert r["scaled_vs_plain"] > 0.1       # and the scaling does change the output
-
-
-def test_worker_covers_bias_and_moe(worker):
-    assert worker["dense_bias_sqrt2L"]["bias_max"] > 0.1   # nonzero biases go through the scale
-    assert worker["moe_number"]["is_moe"] == "MoELayer"
-    assert worker["dense_1_over_L"]["is_moe"] == "MLP"
-    assert len(worker["dense_1_over_L"]["same_input"]) == 3

@@ -6,6 +6,8 @@ are shared by the tests of this module:
 - ``run_a``: 30 steps uninterrupted (checkpoint at the end).
 - ``run_b``: the same run launched twice with Megatron's ``--exit-interval 15``: the first launch
   stops at step 15 with a checkpoint, the identical second launch resumes from it and stops at 30.
+- ``run_c``: run_a's finished checkpoint (copied) continued with the documented command, the same
+  command plus ``schedule.train_iters=40``: it resumes at 30 and follows the 40-step lr schedule.
 
 Per-step numbers are read back from the TensorBoard files Megatron's writer left (full float32,
 every step); Megatron's printed log lines are checked too. Invalid configs run the entry in this
@@ -15,8 +17,10 @@ process (so "no process group" is checked directly) and once as a real torchrun 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +35,8 @@ SCRIPT = REPO_ROOT / "scripts" / "pretrain_gpt.py"
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 STEPS = 30
 EXIT_AT = 15
+CONTINUE_TO = 40
+LR, MIN_LR = 0.03, 0.003  # the quickstart's lr, linear decay to 0.1 lr
 
 SPHERE_TYPES = ("qkv", "proj", "fc1", "fc2")
 
@@ -109,6 +115,15 @@ def run_b(workdir, run_a):  # after run_a: the embedded corpus is prepared once
     rc2, out2 = _launch(workdir, args)  # the identical command again
     assert rc2 == 0, out2[-6000:]
     return {"root": workdir / "b", "first": first, "out": out2, "tb": tb_scalars(workdir / "b" / "tb")}
+
+
+@pytest.fixture(scope="module")
+def run_c(workdir, run_a):
+    """run_a's checkpoint, continued as the README says: the same command + schedule.train_iters=40."""
+    shutil.copytree(workdir / "a" / "ckpt", workdir / "c" / "ckpt")
+    rc, out = _launch(workdir, _overrides(workdir, workdir / "data", "c") + [f"schedule.train_iters={CONTINUE_TO}"])
+    assert rc == 0, out[-6000:]
+    return {"root": workdir / "c", "out": out, "tb": tb_scalars(workdir / "c" / "tb")}
 
 
 # -- training, evaluation, checkpoint -------------------------------------------------------------
@@ -204,6 +219,55 @@ def test_same_command_twice_resumes_with_identical_losses(run_a, run_b):
         assert b["lm loss validation"][step] == a["lm loss validation"][step], step
 
 
+def test_raise_train_iters_to_continue(run_a, run_c):
+    """A finished run continued to more steps: it resumes at the checkpoint's iteration, the lr follows
+    the linear decay over the new length (--override-opt_param-scheduler: the schedule is the config's),
+    the loss stays finite and low, and the checkpoint and its config say 40."""
+    out, tb, root = run_c["out"], run_c["tb"], run_c["root"]
+    assert re.search(rf"successfully loaded checkpoint from .* at iteration {STEPS}\b", out)
+    assert f"iteration       {CONTINUE_TO}/      {CONTINUE_TO}" in out
+    assert f"iteration       {STEPS}/      {CONTINUE_TO}" not in out  # not retrained from scratch
+    steps = list(range(STEPS + 1, CONTINUE_TO + 1))
+    assert sorted(tb["lm loss"]) == steps
+    for k in steps:  # Megatron logs the lr after step k: min + (max - min) * (1 - k / 40)
+        assert tb["learning-rate"][k] == pytest.approx(MIN_LR + (LR - MIN_LR) * (1 - k / CONTINUE_TO), rel=1e-6), k
+    assert tb["learning-rate"][STEPS + 1] > 2 * MIN_LR  # the old 30-step schedule would be at min_lr already
+    losses = [tb["lm loss"][k] for k in steps]
+    assert all(math.isfinite(x) for x in losses)
+    a = run_a["tb"]["lm loss"]  # measured: 5.97 at step 1, mean 2.44 over steps 31-40
+    mean, mean_a = sum(losses) / len(losses), sum(a[k] for k in range(STEPS - 9, STEPS + 1)) / 10
+    assert mean < a[1] - 3.0 and mean < mean_a + 0.1, (losses, mean_a)
+    val, val_a = _printed_validation(out), _printed_validation(run_a["out"])
+    assert sorted(val) == [35, 40] and all(math.isfinite(v) for v in val.values())
+    assert val[CONTINUE_TO] < val_a[5] and val[CONTINUE_TO] < val_a[STEPS] + 0.1, (val, val_a)
+    assert (root / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(CONTINUE_TO)
+    from megatron_hyperball.config import load_config
+
+    assert load_config(root / "ckpt" / "hyperball_config.yaml").schedule.train_iters == CONTINUE_TO
+
+
+def test_failed_resume_leaves_the_saved_config(workdir, run_a):
+    """hyperball_config.yaml always describes the checkpoint beside it: a rerun that cannot resume
+    leaves it byte for byte. A changed model is refused before anything starts (naming the key); a
+    change only Megatron's checkpoint loader refuses (MuonH's optimizer state loaded as AdamH's) fails
+    after the process groups exist, before any save, so the config is not rewritten either."""
+    ckpt = workdir / "d" / "ckpt"
+    shutil.copytree(workdir / "a" / "ckpt", ckpt)
+    saved = ckpt / "hyperball_config.yaml"
+    before = saved.read_bytes()
+    base = _overrides(workdir, workdir / "data", "d")
+    rc, out = _launch(workdir, base + ["model.hidden_size=256"], timeout=120)
+    assert rc != 0 and out.count(f"invalid config ({QUICKSTART}):") == 1, out[-4000:]
+    assert f"model.hidden_size: 256, but the checkpoint this run resumes (checkpoint.save {ckpt}, iteration " \
+           f"{STEPS}) has 128" in out
+    assert "initializing torch distributed" not in out
+    assert saved.read_bytes() == before
+    rc, out = _launch(workdir, base + ["optimizer.name=adamh"], timeout=300)
+    assert rc != 0 and "initializing torch distributed" in out and "not in state dict" in out, out[-4000:]
+    assert saved.read_bytes() == before
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
+
+
 # -- invalid configs --------------------------------------------------------------------------------
 # case -> (overrides, world size, the message)
 INVALID = {
@@ -288,15 +352,17 @@ def test_launchers_print_the_command(tmp_path):
     single = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "launch_single_node.sh"), "--config", "c.yaml"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert single.returncode == 0, single.stderr
-    printed, ran = single.stdout.splitlines()[:2]
+    checked, printed, ran = single.stdout.splitlines()[:3]
+    assert checked == f"ran: {SCRIPT} --check-only --config c.yaml"  # the config first, before torchrun
     assert printed.startswith("+ OMP_NUM_THREADS=1 ") and "--standalone --nproc-per-node 3" in printed
     assert ran == f"ran: -m torch.distributed.run --standalone --nproc-per-node 3 {SCRIPT} --config c.yaml"
     multi_env = dict(env, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
     multi = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "launch_multi_node.sh"), "--config", "c.yaml"],
                            env=multi_env, capture_output=True, text=True, timeout=60)
     assert multi.returncode == 0, multi.stderr
+    assert multi.stdout.splitlines()[0] == f"ran: {SCRIPT} --check-only --config c.yaml"
     assert ("--nnodes 2 --node-rank 1 --nproc-per-node 3 --master-addr 10.0.0.1 --master-port 29500"
-            in multi.stdout.splitlines()[0])
+            in multi.stdout.splitlines()[1])
     missing = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "launch_multi_node.sh")],
                              env=dict(env, NNODES="2"), capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "NODE_RANK" in missing.stderr

@@ -4,17 +4,25 @@
   data-parallel ranks, ep must fit the data-parallel size;
 - values this release accepts in the schema but cannot run yet (SqrtGate, row-normalised router,
   fp32 on Megatron's layer-wise optimizer in the failing combinations of megatron-core 0.19.2);
-- on a machine without CUDA: what the CPU path (gloo) cannot do.
+- on a machine without CUDA: what the CPU path (gloo) cannot do; with CUDA: the packages the
+  GPU-only choices need (Transformer Engine, grouped GEMM);
+- with ``files=True`` (the entry): what the config needs from the file system
+  (:mod:`megatron_hyperball.config.preflight`).
 
-Problems are (key path, message) pairs, reported like the schema's in one ``ConfigError``.
+``cpu`` may be a callable: it is called (e.g. to import torch and ask for CUDA) only when the
+config has a choice whose validity depends on it. Problems are (key path, message) pairs, reported
+like the schema's in one ``ConfigError``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import importlib.util
+from typing import Callable, Sequence, Union
 
 from megatron_hyperball.config.load import load_config, split_argv
 from megatron_hyperball.config.schema import ConfigError, HyperballConfig
+
+CpuFlag = Union[bool, Callable[[], bool]]
 
 __all__ = ["launch_problems", "config_for_launch"]
 
@@ -24,7 +32,7 @@ def _layout_problems(cfg: HyperballConfig, world_size: int) -> list[tuple[str, s
     mp = par.tp * par.pp
     if world_size % mp:
         return [("parallelism", f"tp * pp = {mp} does not divide the number of processes {world_size}; "
-                                f"launch a multiple of {mp} processes")]
+                                f"allowed: launch a multiple of {mp} processes, or tp * pp dividing {world_size}")]
     p = []
     dp = world_size // mp
     if sch.global_batch_size % (sch.micro_batch_size * dp):
@@ -33,7 +41,7 @@ def _layout_problems(cfg: HyperballConfig, world_size: int) -> list[tuple[str, s
                   f"= {sch.micro_batch_size} * {dp} (dp = {world_size} processes / (tp * pp = {mp})); allowed: "
                   f"a multiple of {sch.micro_batch_size * dp}"))
     if cfg.model.moe is not None and dp % par.ep and (dp * par.tp) % par.ep:
-        p.append(("parallelism.ep", f"{par.ep} does not divide the data-parallel size {dp}"))
+        p.append(("parallelism.ep", f"{par.ep} does not divide the data-parallel size {dp}; allowed: a divisor of it"))
     return p
 
 
@@ -70,20 +78,57 @@ def _cpu_problems(cfg: HyperballConfig) -> list[tuple[str, str]]:
     if moe is not None and moe.token_dispatcher != "allgather":
         p.append(("model.moe.token_dispatcher", f"'{moe.token_dispatcher}' needs all-to-all, which gloo "
                                                 f"lacks; allowed on CPU: allgather"))
+    if moe is not None and moe.grouped_gemm:
+        p.append(("model.moe.grouped_gemm", "true needs CUDA grouped-GEMM kernels; allowed on CPU: false"))
     return p
 
 
-def launch_problems(cfg: HyperballConfig, world_size: int, *, cpu: bool) -> list[tuple[str, str]]:
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _gpu_problems(cfg: HyperballConfig) -> list[tuple[str, str]]:
+    p = []
+    if cfg.model.transformer_impl == "transformer_engine" and not _installed("transformer_engine"):
+        p.append(("model.transformer_impl", "'transformer_engine', but Transformer Engine is not installed; "
+                                            "allowed: auto, local (or install transformer_engine)"))
+    moe = cfg.model.moe
+    if moe is not None and moe.grouped_gemm and not (_installed("transformer_engine") or _installed("grouped_gemm")):
+        p.append(("model.moe.grouped_gemm", "true needs Transformer Engine or the grouped_gemm package, and "
+                                            "neither is installed; allowed: false"))
+    return p
+
+
+def _machine_problems(cfg: HyperballConfig, cpu: CpuFlag) -> list[tuple[str, str]]:
+    if callable(cpu):
+        if not (_cpu_problems(cfg) or _gpu_problems(cfg)):
+            return []  # nothing depends on the machine: do not ask it
+        cpu = cpu()
+    return _cpu_problems(cfg) if cpu else _gpu_problems(cfg)
+
+
+def launch_problems(cfg: HyperballConfig, world_size: int, *, cpu: CpuFlag) -> list[tuple[str, str]]:
     """Problems between ``cfg`` and a launch of ``world_size`` processes (on CPU when ``cpu``)."""
-    return _layout_problems(cfg, world_size) + _not_implemented(cfg) + (_cpu_problems(cfg) if cpu else [])
+    return _layout_problems(cfg, world_size) + _not_implemented(cfg) + _machine_problems(cfg, cpu)
 
 
-def config_for_launch(argv: Sequence[str], world_size: int, *, cpu: bool) -> tuple[HyperballConfig, list[str]]:
+def config_for_launch(argv: Sequence[str], world_size: int, *, cpu: CpuFlag,
+                      files: bool = False) -> tuple[HyperballConfig, list[str]]:
     """The validated config of ``--config PATH [overrides] [other]`` for this launch, and the other
-    arguments; one ConfigError (naming the file) for every problem of the config or the launch."""
+    arguments; one ConfigError (naming the file) for every problem of the config or the launch
+    (and with ``files``, of the files and folders it names: ``preflight.file_problems``)."""
     path, overrides, rest = split_argv(argv)
+    if path is None:
+        raise ConfigError([("", "no config file; usage: --config X.yaml [KEY=VALUE ...]")])
     cfg = load_config(path, overrides)
     problems = launch_problems(cfg, world_size, cpu=cpu)
+    if files:
+        from megatron_hyperball.config.preflight import file_problems
+
+        problems += file_problems(cfg, rest)
     if problems:
         raise ConfigError(problems, path)
     return cfg, rest

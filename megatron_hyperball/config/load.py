@@ -36,20 +36,69 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # the base constructor reports an unhashable key
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"found key {key!r} twice (first on {seen[key]}); allowed: each key once per section",
+                key_node.start_mark)
+        seen[key] = f"line {key_node.start_mark.line + 1}"
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: 'line L, column C: what'."""
+    mark = getattr(e, "problem_mark", None)
+    what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text = f"{where}{what}"
+    return text if "allowed:" in text else f"{text}; allowed: valid YAML"
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
+    source = str(path)
+    if path.is_dir():
+        raise ConfigError([("", "is a directory; allowed: a YAML config file")], source)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
-        raise ConfigError([("", f"cannot read config file: {e}")], str(path)) from None
+        raise ConfigError([("", f"cannot read config file: {e.strerror or e}; allowed: a readable YAML file")],
+                          source) from None
+    if b"\0" in data:
+        raise ConfigError([("", "is not a text file (it contains NUL bytes); allowed: a YAML config file")], source)
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([("", f"is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); allowed: a "
+                                f"UTF-8 YAML config file")], source) from None
+    try:
+        raw = _yaml_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError([("", f"not valid YAML: {e}")], str(path)) from None
+        raise ConfigError([("", f"not valid YAML: {_yaml_problem(e)}")], source) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([("", f"the top level must be a mapping of sections, got {type(raw).__name__}")],
+        raise ConfigError([("", f"the top level must be a mapping of sections, got {type(raw).__name__}; allowed: "
+                                f"a mapping like 'model: {{...}}', 'optimizer: {{...}}', 'schedule: {{...}}'")],
                           str(path))
     return raw
 
@@ -57,15 +106,16 @@ def read_yaml(path: str | os.PathLike) -> dict:
 def parse_override(item: str) -> tuple[str, Any]:
     """'optimizer.lr=0.01' -> ('optimizer.lr', 0.01) (the value read as YAML)."""
     if "=" not in item:
-        raise ConfigError([("", f"override {item!r} is not KEY=VALUE (e.g. optimizer.lr=0.01)")])
+        raise ConfigError([("", f"override {item!r} is not KEY=VALUE; allowed: e.g. optimizer.lr=0.01")])
     key, text = item.split("=", 1)
     key = key.strip()
     if not _KEY.match(key):
-        raise ConfigError([("", f"override {item!r}: {key!r} is not a dotted key path (e.g. optimizer.lr)")])
+        raise ConfigError([("", f"override {item!r}: {key!r} is not a dotted key path; allowed: e.g. "
+                                f"optimizer.lr=0.01")])
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _yaml_load(text) if text.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError([(key, f"override value {text!r} is not valid YAML: {e}")]) from None
+        raise ConfigError([(key, f"override value {text!r} is not valid YAML ({_yaml_problem(e)})")]) from None
     return key, value
 
 
@@ -87,7 +137,7 @@ def apply_overrides(raw: dict, overrides: Iterable[tuple[str, Any] | str]) -> di
             elif not isinstance(nxt, dict):
                 where = ".".join(parts[: i + 1])
                 raise ConfigError([(key, f"cannot set a key inside {where!r}, which is "
-                                         f"{type(nxt).__name__} {nxt!r}, not a section")])
+                                         f"{type(nxt).__name__} {nxt!r}, not a section; allowed: {where}=VALUE")])
             node = nxt
         node[parts[-1]] = value
     return out
@@ -100,8 +150,23 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[tu
         raise ValueError("load_config: give exactly one of path and raw")
     source = str(path) if path is not None else None
     data = read_yaml(path) if path is not None else raw
-    data = apply_overrides(data, overrides)
+    try:
+        data = apply_overrides(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(e.problems, source) from None  # name the file the overrides apply to
     return validate_config(data, source)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing usage and exiting (once per rank)."""
+
+    def error(self, message):
+        raise ConfigError([("", f"command line: {message}; allowed: --config X.yaml [KEY=VALUE ...] "
+                                f"[--set KEY=VALUE ...] [--megatron-flag ...]")])
+
+
+_SECTION_NAMES = ("seed", "precision", "model", "parallelism", "data", "optimizer", "schedule", "hyperp",
+                  "checkpoint", "logging")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -115,11 +180,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def split_argv(argv: Sequence[str]) -> tuple[str, list[str], list[str]]:
     """``--config PATH [--set K=V ...] [K=V ...] [other]`` -> (PATH, overrides, other arguments)."""
-    parser = add_config_arguments(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
+    parser = add_config_arguments(_ArgumentParser(add_help=False, allow_abbrev=False))
     args, rest = parser.parse_known_args(list(argv))
     items = [i for group in args.overrides for i in group]
     remaining = []
-    for token in rest:
+    for i, token in enumerate(rest):
+        after_flag = i > 0 and rest[i - 1].startswith("-")  # maybe the value of a Megatron flag
+        if _KEY.match(token) and token.split(".", 1)[0] in _SECTION_NAMES and not after_flag:
+            # 'optimizer.lr' without '=': not an override, and Megatron's parser would refuse it late
+            raise ConfigError([(token, f"argument {token!r} has no value; allowed: {token}=VALUE")], args.config)
         (items if _BARE.match(token) else remaining).append(token)
     return args.config, items, remaining
 

@@ -22,6 +22,7 @@ in one :class:`ConfigError`. The allowed optimizer names and sphere / Depth-muP 
 from __future__ import annotations
 
 import math
+import os
 import typing
 from typing import Annotated, Any, Literal, Optional
 
@@ -134,7 +135,8 @@ class MoEConfig(_Section):
 
     def problems(self):
         if self.topk > self.num_experts:
-            return [("topk", f"{self.topk} > model.moe.num_experts={self.num_experts}")]
+            return [("topk", f"{self.topk} > model.moe.num_experts={self.num_experts}; "
+                             f"allowed: 1 .. {self.num_experts}")]
         return []
 
 
@@ -194,14 +196,15 @@ class ModelConfig(_Section):
                                           f"{self.num_attention_heads}; allowed: a divisor of it"))
         if self.resolved_ffn_hidden_size() < 1:
             p.append(("ffn_hidden_size", f"not set and Megatron's swiglu default int(8h/3/64)*64 is 0 for "
-                                         f"hidden_size={self.hidden_size}; set it explicitly"))
+                                         f"hidden_size={self.hidden_size}; allowed: set it explicitly"))
         if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_length:
             p.append(("max_position_embeddings", f"{self.max_position_embeddings} < model.seq_length="
                                                  f"{self.seq_length}; allowed: >= seq_length"))
         # tokenizer / vocabulary
         tok, vocab = self.tokenizer, self.vocab_size
         if tok.type == "null_tokenizer" and vocab is None:
-            p.append(("vocab_size", "required with model.tokenizer.type 'null_tokenizer'"))
+            p.append(("vocab_size", "required with model.tokenizer.type 'null_tokenizer'; allowed: an integer >= 1 "
+                                    "(larger than every token id in the data)"))
         if tok.type == "byte" and vocab not in (None, 257):
             p.append(("vocab_size", f"{vocab} with the byte tokenizer, whose vocabulary is 257 "
                                     f"(256 bytes + eod); allowed: leave it out"))
@@ -209,9 +212,12 @@ class ModelConfig(_Section):
             p.append(("vocab_size", f"set with model.tokenizer.type '{tok.type}', which defines its own "
                                     f"vocabulary; allowed: leave it out"))
         if tok.type in ("huggingface", "sentencepiece", "tiktoken") and not tok.model:
-            p.append(("tokenizer.model", f"required with model.tokenizer.type '{tok.type}'"))
+            p.append(("tokenizer.model", f"required with model.tokenizer.type '{tok.type}'; allowed: "
+                                        + ("a local tokenizer directory or a hub id" if tok.type == "huggingface"
+                                           else f"the path of a {tok.type} model file")))
         if tok.type == "gpt2bpe" and not (tok.vocab_file and tok.merge_file):
-            p.append(("tokenizer", "type 'gpt2bpe' needs vocab_file and merge_file"))
+            p.append(("tokenizer", "type 'gpt2bpe' needs vocab_file and merge_file; allowed: both set (GPT-2's "
+                                  "vocab.json and merges.txt)"))
         return p
 
 
@@ -234,7 +240,7 @@ class ParallelismConfig(_Section):
 
     def problems(self):
         if self.sequence_parallel and self.tp == 1:
-            return [("sequence_parallel", "needs parallelism.tp > 1")]
+            return [("sequence_parallel", "needs parallelism.tp > 1; allowed with tp 1: false")]
         return []
 
 
@@ -277,15 +283,15 @@ class DataConfig(_Section):
         if v is None:
             return v
         if isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise ValueError(f"split={v!r} must be comma-separated numbers like '969,30,1'")
+            raise ValueError(f"split={v!r} is not comma-separated numbers; allowed: e.g. '969,30,1'")
         parts = str(v).replace("/", ",").split(",")
         try:
             nums = [float(x) for x in parts]
         except ValueError:
-            raise ValueError(f"split={v!r} must be comma-separated numbers like '969,30,1'") from None
+            raise ValueError(f"split={v!r} is not comma-separated numbers; allowed: e.g. '969,30,1'") from None
         if len(nums) > 3 or any(n < 0 or not math.isfinite(n) for n in nums) or sum(nums) <= 0:
-            raise ValueError(f"split={v!r} must be up to 3 non-negative numbers with a positive sum, "
-                             f"like '969,30,1'")
+            raise ValueError(f"split={v!r}: allowed: up to 3 non-negative numbers with a positive sum, "
+                             f"e.g. '969,30,1'")
         return str(v)
 
     def prefixes(self) -> list[str]:
@@ -318,7 +324,7 @@ def data_blend(items: list[str]) -> tuple[list[str], Optional[list[float]]]:
         numeric = [w is not None for w in weights]
         if all(numeric):
             if not all(math.isfinite(w) and w > 0 for w in weights):
-                raise ValueError(f"data_path weights {items[0::2]} must be positive finite numbers")
+                raise ValueError(f"data_path weights {items[0::2]}: allowed: positive finite numbers")
             return list(items[1::2]), weights
         if any(numeric):
             raise ValueError(f"data_path={items!r} mixes weights and prefixes; allowed: all prefixes, or "
@@ -397,7 +403,7 @@ class OptimizerSection(_Section):
     @classmethod
     def _betas(cls, v):
         if not all(0 <= b < 1 for b in v):
-            raise ValueError(f"betas={list(v)} must both be in [0, 1)")
+            raise ValueError(f"betas={list(v)} must both be in [0, 1); allowed: two numbers in [0, 1)")
         return v
 
     @property
@@ -413,9 +419,11 @@ class OptimizerSection(_Section):
         p = []
         if (self.lr is None) == (self.lr_law is None):
             p.append(("lr", "set exactly one of optimizer.lr and optimizer.lr_law "
-                            + ("(both are set)" if self.lr is not None else "(neither is set)")))
+                            + ("(both are set)" if self.lr is not None else "(neither is set)")
+                            + "; allowed: lr: <number> or lr_law: {eta0: <number>}"))
         if self.min_lr is not None and self.min_lr_ratio is not None:
-            p.append(("min_lr", "set at most one of optimizer.min_lr and optimizer.min_lr_ratio"))
+            p.append(("min_lr", "set at most one of optimizer.min_lr and optimizer.min_lr_ratio; allowed: one of "
+                                "them, or neither (ratio 0.1)"))
         if self.sphere_weight_decay != 0:
             why = ("weight decay is a first-order no-op on the sphere, so sphere matrices take none"
                    if self.sphere else f"optimizer '{self.name}' has no sphere matrices (use optimizer.weight_decay)")
@@ -454,11 +462,14 @@ class ScheduleConfig(_Section):
         p = []
         if self.global_batch_size % self.micro_batch_size:
             p.append(("global_batch_size", f"{self.global_batch_size} is not divisible by "
-                                           f"schedule.micro_batch_size={self.micro_batch_size}"))
+                                           f"schedule.micro_batch_size={self.micro_batch_size}; allowed: a "
+                                           f"multiple of it"))
         if self.warmup_iters >= self.train_iters and self.warmup_iters > 0:
-            p.append(("warmup_iters", f"{self.warmup_iters} >= schedule.train_iters={self.train_iters}"))
+            p.append(("warmup_iters", f"{self.warmup_iters} >= schedule.train_iters={self.train_iters}; allowed: "
+                                      f"0 .. {self.train_iters - 1}"))
         if self.decay_iters is not None and self.decay_iters <= self.warmup_iters:
-            p.append(("decay_iters", f"{self.decay_iters} <= schedule.warmup_iters={self.warmup_iters}"))
+            p.append(("decay_iters", f"{self.decay_iters} <= schedule.warmup_iters={self.warmup_iters}; allowed: "
+                                     f"> {self.warmup_iters}"))
         decay = self.decay_iters or self.train_iters
         if self.decay_style == "WSD" and self.wsd_decay_iters is None:
             p.append(("wsd_decay_iters", "required with schedule.decay_style 'WSD'; allowed: an integer in "
@@ -493,7 +504,7 @@ class CheckpointConfig(_Section):
 
     def problems(self):
         if self.save_interval is not None and self.save is None:
-            return [("save_interval", "set without checkpoint.save")]
+            return [("save_interval", "set without checkpoint.save; allowed: set checkpoint.save too, or leave it out")]
         return []
 
 
@@ -514,7 +525,8 @@ class WandbConfig(_Section):
 
     def problems(self):
         if self.mode == "online" and not self.project:
-            return [("project", "required with logging.wandb.mode 'online'")]
+            return [("project", "required with logging.wandb.mode 'online'; allowed: a W&B project name, or mode "
+                                "offline / disabled")]
         return []
 
 
@@ -577,6 +589,20 @@ class HyperballConfig(_Section):
         """Interval of the instability indicators (logging.metrics_interval or log_interval)."""
         return self.logging.metrics_interval or self.logging.log_interval
 
+    def log_dirs(self) -> tuple[Optional[str], Optional[str]]:
+        """(TensorBoard dir, W&B save dir) the run writes, defaults filled: with W&B on, TensorBoard
+        defaults to runs/<name>/tensorboard and W&B to <checkpoint.save or runs/<name>>/wandb."""
+        wb, name = self.logging.wandb, self.run_name()
+        tb = self.logging.tensorboard_dir
+        if wb.resolved_mode() == "disabled":
+            return tb, None
+        if tb is None:
+            tb = os.path.join("runs", name, "tensorboard")
+        save_dir = wb.save_dir
+        if save_dir is None:
+            save_dir = os.path.join(self.checkpoint.save or os.path.join("runs", name), "wandb")
+        return tb, save_dir
+
     def run_name(self) -> str:
         return self.logging.wandb.name or f"{self.optimizer.name}-L{self.model.num_layers}-d{self.model.hidden_size}"
 
@@ -603,19 +629,24 @@ def cross_section_problems(cfg: HyperballConfig) -> list[tuple[str, str]]:
             p.append(("parallelism.tp", f"{par.tp} does not divide model.num_attention_heads="
                                         f"{m.num_attention_heads}; allowed: a divisor of it"))
         if m.num_query_groups is not None and m.num_query_groups % par.tp:
-            p.append(("parallelism.tp", f"{par.tp} does not divide model.num_query_groups={m.num_query_groups}"))
+            p.append(("parallelism.tp", f"{par.tp} does not divide model.num_query_groups={m.num_query_groups}; "
+                                        f"allowed: a divisor of it"))
         if m.resolved_ffn_hidden_size() % par.tp:
-            p.append(("parallelism.tp", f"{par.tp} does not divide the MLP hidden size {m.resolved_ffn_hidden_size()}"))
+            p.append(("parallelism.tp", f"{par.tp} does not divide the MLP hidden size "
+                                        f"{m.resolved_ffn_hidden_size()}; allowed: a divisor of it (or set "
+                                        f"model.ffn_hidden_size)"))
         if m.num_layers % par.pp:
             p.append(("parallelism.pp", f"{par.pp} does not divide model.num_layers={m.num_layers}; "
                                         f"allowed: a divisor of it"))
         if par.sequence_parallel and m.seq_length % par.tp:
             p.append(("parallelism.sequence_parallel", f"model.seq_length={m.seq_length} is not divisible by "
-                                                       f"parallelism.tp={par.tp}"))
+                                                       f"parallelism.tp={par.tp}; allowed: false, or a seq_length "
+                                                       f"divisible by tp"))
         if par.ep > 1 and m.moe is None:
             p.append(("parallelism.ep", f"{par.ep} without model.moe; allowed: 1 for a dense model"))
         if m.moe is not None and m.moe.num_experts % par.ep:
-            p.append(("parallelism.ep", f"{par.ep} does not divide model.moe.num_experts={m.moe.num_experts}"))
+            p.append(("parallelism.ep", f"{par.ep} does not divide model.moe.num_experts={m.moe.num_experts}; "
+                                        f"allowed: a divisor of it"))
     if m is not None and opt is not None:
         if m.moe is not None and m.moe.router_sphere == "frobenius" and not opt.sphere:
             p.append(("model.moe.router_sphere", f"'frobenius' makes the router a sphere matrix of the "
@@ -626,7 +657,8 @@ def cross_section_problems(cfg: HyperballConfig) -> list[tuple[str, str]]:
                                              "embedding; allowed: optimizer.embedding_lr only"))
         if m.tie_embeddings and opt.output_layer_on_sphere:
             p.append(("optimizer.output_layer_on_sphere", "true with model.tie_embeddings true (the output "
-                                                          "layer is the embedding, which is never on a sphere)"))
+                                                          "layer is the embedding, which is never on a sphere); "
+                                                          "allowed: false"))
         lr_set = (opt.lr is None) != (opt.lr_law is None)  # else the optimizer section says so
         if cfg.schedule is not None and lr_set:
             try:
@@ -730,8 +762,15 @@ def _problems_from_pydantic(err: ValidationError) -> list[tuple[str, str]]:
             where = ".".join(loc[:-1]) or "the top level"
             problems.append((path, f"unknown key; allowed keys of {where}: {', '.join(allowed)}"))
             continue
+        if kind == "missing" and e["loc"] and isinstance(e["loc"][-1], int):  # a list key with too few items
+            info = _field_at(tuple(e["loc"][:-1]))
+            allowed = _allowed(info) if info is not None else "more items"
+            problems.append((".".join(loc[:-1]), f"too few items (got {e.get('input')!r}); allowed: {allowed}"))
+            continue
         if kind == "missing":
-            problems.append((path, "required key is missing"))
+            info = _field_at(tuple(e["loc"]))
+            allowed = _allowed(info) if info is not None else None
+            problems.append((path, "required key is missing" + (f"; allowed: {allowed}" if allowed else "")))
             continue
         msg = e["msg"]
         if msg.startswith("Value error, "):
@@ -739,8 +778,12 @@ def _problems_from_pydantic(err: ValidationError) -> list[tuple[str, str]]:
         if kind != "value_error":
             msg = f"{msg} (got {e.get('input')!r})"
             info = _field_at(tuple(e["loc"]))
-            allowed = _allowed(info) if info is not None and kind != "literal_error" else None
-            if allowed and "allowed:" not in msg:
+            if info is None and e["loc"] and isinstance(e["loc"][-1], int):  # an item of a list key
+                info = _field_at(tuple(e["loc"][:-1]))
+            allowed = _allowed(info) if info is not None else None
+            if kind == "literal_error" and allowed:
+                msg = f"{e.get('input')!r} is not one of the allowed values; allowed: {allowed}"
+            elif allowed and "allowed:" not in msg:
                 msg += f"; allowed: {allowed}"
         problems.append((path, msg))
     return problems

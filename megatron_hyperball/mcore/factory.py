@@ -94,7 +94,7 @@ def prepare_model_spheres(spheres, param_names, radius, pg_collection) -> None:
 
 
 # -- after construction: install sphere indexes ------------------------------------------------------
-def _sphere_index_for(leaf, sphere_set, pg_collection):
+def _sphere_index_for(leaf, sphere_set, pg_collection, param_names):
     mains = {p: m.tensor for p, m in tree.main_params(leaf).items() if p in sphere_set}
     for model_param, main in mains.items():
         main._hyperball_model_param = model_param  # the TP attributes live on the model param
@@ -107,7 +107,8 @@ def _sphere_index_for(leaf, sphere_set, pg_collection):
         dp_group = None
     device = next(iter(mains.values())).device if mains else torch.device(
         "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu")
-    index = build_index(spheres, mains, lambda p: (dp_group, tree.tp_group_of(p, pg_collection)), device)
+    index = build_index(spheres, mains, lambda p: (dp_group, tree.tp_group_of(p, pg_collection)), device,
+                        param_names)
     _check_same_count_over_tp(index)
     return index
 
@@ -129,13 +130,13 @@ def _check_same_count_over_tp(index) -> None:
             )
 
 
-def _install_adamh(leaf, config, hb, sphere_set, pg_collection) -> None:
+def _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names) -> None:
     if getattr(leaf, "is_stub_optimizer", False) or not hasattr(leaf, "optimizer"):
         return
     if not config.decoupled_weight_decay:
         raise ValueError("optimizer 'adamh' supports decoupled weight decay only "
                          "(OptimizerConfig.decoupled_weight_decay=True)")
-    index = _sphere_index_for(leaf, sphere_set, pg_collection)
+    index = _sphere_index_for(leaf, sphere_set, pg_collection, param_names)
     groups = leaf.optimizer.param_groups
     for group in groups:
         group["sphere"] = any(index.sphere_of(p) is not None for p in group["params"])
@@ -195,7 +196,7 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         opt = original(adam_config, model_chunks, overrides, use_gloo_process_groups, pg_collection,
                        dump_param_to_param_group_map)
         for leaf in tree.leaves(opt):
-            _install_adamh(leaf, config, hb, sphere_set, pg_collection)
+            _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names)
         return opt
 
     muon_config = dataclasses.replace(
@@ -204,5 +205,5 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
                    dump_param_to_param_group_map)
     for leaf in tree.leaves(opt):
         if isinstance(tree.inner(leaf), TensorParallelMuonH):
-            tree.inner(leaf).set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection))
+            tree.inner(leaf).set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection, param_names))
     return opt

@@ -34,11 +34,12 @@ def full_shape(param: torch.nn.Parameter, tp_group) -> tuple[int, int]:
 
 
 def build_index(spheres: list[torch.nn.Parameter], local: dict[torch.nn.Parameter, torch.Tensor],
-                groups_of, device: torch.device) -> MegatronSphereIndex:
+                groups_of, device: torch.device, names: dict | None = None) -> MegatronSphereIndex:
     """Number ``spheres`` (model params, in an order every rank of the groups shares).
 
     ``local`` maps a sphere's model param to the tensor this rank's optimizer updates (absent
-    when this rank's slice is empty); ``groups_of(param) -> (dp_group, tp_group)``.
+    when this rank's slice is empty); ``groups_of(param) -> (dp_group, tp_group)``; ``names``:
+    param -> its model name, the sphere's key in checkpointed hook state.
     """
     index, shapes, reductions = {}, [], []
     for k, p in enumerate(spheres):
@@ -48,4 +49,5 @@ def build_index(spheres: list[torch.nn.Parameter], local: dict[torch.nn.Paramete
             index[id(local[p])] = k
         reductions.append(Reduction(dp_group, tp_group,
                                     replicated_over_tp=not getattr(p, "tensor_model_parallel", False)))
-    return MegatronSphereIndex(index=index, shapes=shapes, device=device, reductions=reductions)
+    keys = [names[p] for p in spheres] if names is not None else None
+    return MegatronSphereIndex(index=index, shapes=shapes, device=device, keys=keys, reductions=reductions)

@@ -102,10 +102,25 @@ class HyperballOptimizer(torch.optim.Optimizer):
             return self._sphere_index
         return sphere.whole_matrix_index([p for g in self.param_groups if g["sphere"] for p in g["params"]])
 
+    def state_dict(self) -> dict:
+        """torch's state dict, with each hook's per-sphere state in every param group (Megatron
+        keeps param-group entries, not only per-element state, in its checkpoints)."""
+        state = super().state_dict()
+        index = self.sphere_index()
+        hooks = [hook.state_dict(index) for hook in self.sphere_hooks]
+        for group in state["param_groups"]:
+            group["sphere_hooks"] = hooks
+        return state
+
     def load_state_dict(self, state_dict: dict) -> None:
+        hooks = next((g["sphere_hooks"] for g in state_dict["param_groups"] if "sphere_hooks" in g), None)
         super().load_state_dict(state_dict)
-        for hook in self.sphere_hooks:
-            hook.reset()
+        for group in self.param_groups:
+            group.pop("sphere_hooks", None)
+        if hooks is not None:
+            index = self.sphere_index()
+            for hook, state in zip(self.sphere_hooks, hooks):
+                hook.load_state_dict(index, state)
 
     def prepare_spheres(self) -> None:
         """Every hook's ``prepare`` on the whole matrices this process holds."""

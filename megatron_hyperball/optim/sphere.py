@@ -62,10 +62,14 @@ class SphereIndex:
     index: dict[int, int]
     shapes: list[tuple[int, int]]
     device: torch.device = torch.device("cpu")
+    keys: list[str] | None = None  # stable names of the spheres (checkpointed hook state); default: numbers
 
     @property
     def num_spheres(self) -> int:
         return len(self.shapes)
+
+    def key(self, k: int) -> str:
+        return self.keys[k] if self.keys is not None else str(k)
 
     def sphere_of(self, p: torch.Tensor) -> int | None:
         return self.index.get(id(p))

@@ -136,3 +136,58 @@ register(Patch(
         "the configured scale. Members get the same ConstantGradScaler the standard path builds.",
     install=_install_layer_wise_found_inf,
 ))
+
+
+def _merge_hook_states(states: list) -> list:
+    """Per hook, the union over ranks of its {field: {sphere_key: value}} state."""
+    merged: list[dict] = []
+    for hooks in states:
+        for i, hook_state in enumerate(hooks):
+            while len(merged) <= i:
+                merged.append({})
+            for field, values in hook_state.items():
+                merged[i].setdefault(field, {}).update(values)
+    return merged
+
+
+def _install_layer_wise_hook_state() -> None:
+    import torch.distributed as dist
+    from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+
+    original = LayerWiseDistributedOptimizer.sharded_state_dict
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, *args, **kwargs):
+        sd = original(self, *args, **kwargs)
+        members = list(({1: sd} if len(self.chained_optimizers) == 1 else sd).values())
+        # this rank's own hook states (Megatron has just replaced every rank's groups by one rank's)
+        local = []
+        for member in self.chained_optimizers:
+            inner = getattr(member, "optimizer", member)
+            hooks = getattr(inner, "sphere_hooks", None)
+            local.append(None if hooks is None else [h.state_dict(inner.sphere_index()) for h in hooks])
+        if not any(x is not None for x in local) or not dist.is_initialized():
+            return sd
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)  # the same collective pattern as Megatron's own, above
+        for i, member in enumerate(members):
+            states = [ranks[i] for ranks in gathered if ranks[i] is not None]
+            if states:
+                merged = _merge_hook_states(states)
+                for group in member["optimizer"]["param_groups"]:
+                    group["sphere_hooks"] = merged
+        return sd
+
+    replace(LayerWiseDistributedOptimizer, "sharded_state_dict", sharded_state_dict)
+
+
+register(Patch(
+    name="layer_wise_hook_state",
+    target="megatron.core.optimizer.layer_wise_optimizer.LayerWiseDistributedOptimizer.sharded_state_dict",
+    versions=VERSIONS,
+    why="The layer-wise optimizer saves one rank's param groups for all (the first non-empty one), but each "
+        "rank's hyperball hooks hold per-sphere state (the held radius) for the matrices it owns. The hook "
+        "states of all ranks are merged (keyed by parameter name) into the saved groups, so every rank finds "
+        "its own after a resume.",
+    install=_install_layer_wise_hook_state,
+))

@@ -118,3 +118,37 @@ register(Patch(
         "printed (AdamH on ZeRO-1, MuonH layer-wise), and the per-matrix metrics are attached to it.",
     install=_install_trainer_optimizer,
 ))
+
+
+AFTER_CHECKPOINT_SAVE: list = []
+"""Callables ``fn(iteration)`` run on every rank after each persistent checkpoint save of the
+training loop has returned (the entry writes the resolved config beside the checkpoint there)."""
+
+
+def _install_after_checkpoint_save() -> None:
+    from megatron.training import training as trainer
+
+    original = trainer.save_checkpoint
+
+    @functools.wraps(original)
+    def save_checkpoint(iteration, *args, **kwargs):
+        result = original(iteration, *args, **kwargs)
+        if not kwargs.get("non_persistent_ckpt", False):
+            for fn in list(AFTER_CHECKPOINT_SAVE):
+                fn(iteration)
+        return result
+
+    replace(trainer, "save_checkpoint", save_checkpoint)
+
+
+register(Patch(
+    name="after_checkpoint_save",
+    target="megatron.training.training.save_checkpoint",
+    versions=VERSIONS,
+    group="training",
+    why="The resolved config (hyperball_config.yaml) must describe the checkpoint beside it, so it is written "
+        "only once a checkpoint save has succeeded: a run that fails before (e.g. a changed model refused by "
+        "the checkpoint loader) leaves the previous one untouched. megatron.training has no hook there; the "
+        "loop calls the save_checkpoint it imported into megatron.training.training.",
+    install=_install_after_checkpoint_save,
+))

@@ -6,7 +6,8 @@
   per-matrix metrics interval.
 - :func:`megatron_argv`: that plus what the launch needs: ``--load`` = ``--save`` (the same
   command again resumes), the local layer spec's flags, gloo and no fused GPU kernels on CPU, and
-  extra Megatron flags from the command line (a later flag wins).
+  extra Megatron flags from the command line (a later flag wins). The lr schedule is always the
+  config's (``--override-opt_param-scheduler``): raising ``schedule.train_iters`` continues a run.
 - :func:`wandb_environment` / :func:`set_environment`: W&B offline unless a project is set;
   ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with tensor parallelism.
 """
@@ -48,21 +49,6 @@ def resolve_transformer_impl(cfg: HyperballConfig) -> str:
     if impl != "auto":
         return impl
     return "transformer_engine" if _have_te() else "local"
-
-
-def _wandb_dirs(cfg: HyperballConfig) -> tuple[Optional[str], Optional[str]]:
-    """(tensorboard_dir, wandb_save_dir) with the defaults filled when W&B is on."""
-    wb, name = cfg.logging.wandb, cfg.run_name()
-    tb = cfg.logging.tensorboard_dir
-    if wb.resolved_mode() == "disabled":
-        return tb, None
-    if tb is None:
-        tb = os.path.join("runs", name, "tensorboard")
-    save_dir = wb.save_dir
-    if save_dir is None:
-        base = cfg.checkpoint.save or os.path.join("runs", name)
-        save_dir = os.path.join(base, "wandb")
-    return tb, save_dir
 
 
 def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = None) -> list[str]:
@@ -180,6 +166,11 @@ def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = 
     flag("--lr-warmup-iters", sch.warmup_iters)
     flag("--lr-decay-style", sch.decay_style)
     flag("--lr-decay-iters", sch.decay_iters or sch.train_iters)
+    flag("--lr-wsd-decay-iters", sch.wsd_decay_iters)
+    # resuming: the lr / weight-decay schedule is this config's (e.g. a raised train_iters), not the
+    # checkpoint's; only the step count comes from the checkpoint. Without it Megatron's scheduler
+    # asserts that every schedule value equals the checkpoint's.
+    flag("--override-opt_param-scheduler")
     flag("--eval-interval", sch.eval_interval or sch.train_iters)
     flag("--eval-iters", sch.eval_iters)
 
@@ -199,7 +190,7 @@ def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = 
     # logging
     flag("--log-interval", cfg.logging.log_interval)
     flag("--hyperball-metrics-interval", cfg.resolved_metrics_interval())
-    tb, wandb_dir = _wandb_dirs(cfg)
+    tb, wandb_dir = cfg.log_dirs()
     flag("--tensorboard-dir", tb)
     wb = cfg.logging.wandb
     if wb.resolved_mode() != "disabled":

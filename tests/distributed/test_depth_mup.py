@@ -1,37 +1,32 @@
 """Depth-muP block scaling on real Megatron GPTModels (CPU, gloo, world size 1).
 
-Usage (under torchrun, 1 process): depth_mup_worker.py OUT.json
-
 For each case a plain model (Megatron's local layer spec) and a Depth-muP model
 (``get_gpt_layer_spec_with_depth_mup``) are built with the same weights (state dict copied), in
-float64 so that the comparisons measure the code and not fp32 rounding. Rank 0 writes, per case:
+float64 so that the comparisons measure the code and not fp32 rounding:
 
-- ``same_input``: for every layer, the same input h through both layers' attention sub-block
-  (``_forward_attention``), then the same input x through both MLP sub-blocks
-  (``_forward_mlp``); max |inc_scaled - alpha * inc_plain| and max |inc_plain| per sub-block.
-- ``in_model``: in a full forward of each model, forward hooks capture each layer's input,
-  the hidden state after the attention residual add, the layer's output and the raw sub-block
-  outputs (self_attention / mlp return (out, bias)); max |increment - alpha * (out + bias)|,
-  alpha = 1 for the plain model; ``in_model_scaled_train`` the same in training mode with autograd.
-- ``off``: max |logits| difference between the plain model and a spec built with alpha None.
-- ``scaled_vs_plain``: max |logits| difference between the plain and scaled models (nonzero).
+- same input: for every layer, the same input h through both layers' attention sub-block
+  (``_forward_attention``), then the same input x through both MLP sub-blocks (``_forward_mlp``):
+  increment_scaled == alpha * increment_plain;
+- in a full forward of each model, forward hooks capture each layer's input, the hidden state after
+  the attention residual add, the layer's output and the raw sub-block outputs (self_attention / mlp
+  return (out, bias)): increment == alpha * (out + bias), alpha = 1 for the plain model; also in
+  training mode with autograd;
+- alpha None builds exactly the plain model, and the scaling does change the output.
+
+Run: torchrun --nproc-per-node 1 -m pytest tests/distributed/test_depth_mup.py
 """
 
-import sys
+import math
 
-from common import setup, teardown, write_result
-
+import pytest
 import torch
 
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer import TransformerConfig
-
-from megatron_hyperball.megatron.model import seed_all
-from megatron_hyperball.models.depth_mup import get_gpt_layer_spec_with_depth_mup, resolve_block_output_scale
+WORLD_SIZES = (1,)
+pytestmark = pytest.mark.world_size(1)
 
 VOCAB, SEQ, BATCH = 96, 12, 2
 DTYPE = torch.float64
+TOL = 1e-6  # float64 models: measured ~4e-16
 
 CASES = {
     # dense, with biases (the bias is part of the scaled sub-block output), HyperP's alpha
@@ -41,26 +36,26 @@ CASES = {
     # MoE sub-block (mlp_bda also scales the MoE layer's output)
     "moe_number": dict(scale=0.3, num_layers=2, bias=False, moe=True),
 }
+EXPECTED_ALPHA = {"dense_bias_sqrt2L": 1 / math.sqrt(2 * 3), "dense_1_over_L": 1 / 3, "moe_number": 0.3}
 
 
 def build(case, spec):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_hyperball.mcore.builders import seed_all
+
     kwargs = dict(
         num_layers=case["num_layers"], hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-        hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=case["bias"],
-        init_method_std=0.2,
+        hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=case["bias"], init_method_std=0.2,
     )
     if case["moe"]:
         kwargs.update(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="allgather",
                       moe_ffn_hidden_size=48)
-    config = TransformerConfig(**kwargs)
     seed_all(1234)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-                     position_embedding_type="learned_absolute")
+    model = GPTModel(config=TransformerConfig(**kwargs), transformer_layer_spec=spec, vocab_size=VOCAB,
+                     max_sequence_length=SEQ, position_embedding_type="learned_absolute")
     return model.to(DTYPE).eval()  # float64: the comparisons measure the code, not fp32 rounding
-
-
-def spec_kwargs(case):
-    return dict(num_experts=4 if case["moe"] else None)
 
 
 def layer_increments(layer, h):
@@ -136,11 +131,16 @@ def in_model(model, alpha, tokens, pos, train=False):
     return rows, logits
 
 
-def run_case(name, case):
+def run_case(case):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_hyperball.models.depth_mup import get_gpt_layer_spec_with_depth_mup, resolve_block_output_scale
+
     alpha = resolve_block_output_scale(case["scale"], case["num_layers"])
-    plain = build(case, get_gpt_layer_local_spec(**spec_kwargs(case)))
-    scaled = build(case, get_gpt_layer_spec_with_depth_mup(alpha, use_te=False, **spec_kwargs(case)))
-    off = build(case, get_gpt_layer_spec_with_depth_mup(None, use_te=False, **spec_kwargs(case)))
+    spec_kwargs = dict(num_experts=4 if case["moe"] else None)
+    plain = build(case, get_gpt_layer_local_spec(**spec_kwargs))
+    scaled = build(case, get_gpt_layer_spec_with_depth_mup(alpha, use_te=False, **spec_kwargs))
+    off = build(case, get_gpt_layer_spec_with_depth_mup(None, use_te=False, **spec_kwargs))
     if case["bias"]:  # Megatron initialises biases to 0; make them count
         g = torch.Generator().manual_seed(11)
         with torch.no_grad():
@@ -178,13 +178,37 @@ def run_case(name, case):
     }
 
 
-def main():
-    out = sys.argv[1]
-    setup(tp=1)
-    result = {name: run_case(name, case) for name, case in CASES.items()}
-    write_result(out, result)
-    teardown()
+@pytest.fixture(scope="module")
+def results(distributed):
+    from megatron.core import parallel_state
+
+    from megatron_hyperball.mcore.builders import init_parallel
+
+    init_parallel(tp=1)
+    out = {name: run_case(case) for name, case in CASES.items()}
+    parallel_state.destroy_model_parallel()
+    return out
 
 
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("case", list(EXPECTED_ALPHA))
+def test_residual_increments_scaled_by_alpha(results, case):
+    r = results[case]
+    assert r["alpha"] == pytest.approx(EXPECTED_ALPHA[case], rel=1e-15)
+    assert r["bda_alpha"] == r["alpha"] and r["same_weights"]
+    # same input through both models' sub-blocks: increment_scaled == alpha * increment_plain
+    for row in r["same_input"]:
+        assert row["attn_err"] < TOL and row["mlp_err"] < TOL, row
+        assert row["attn_max"] > 0.1 and row["mlp_max"] > 0.1, row  # nontrivial increments
+    # inside full forwards: increment == alpha * sub-block output (alpha = 1 in the plain model)
+    for key in ("in_model_plain", "in_model_scaled", "in_model_scaled_train"):
+        for row in r[key]:
+            assert row["attn_err"] < TOL and row["mlp_err"] < TOL, (key, row)
+    assert r["off"] == 0.0                  # alpha None builds exactly the plain model
+    assert r["scaled_vs_plain"] > 0.1       # and the scaling does change the output
+
+
+def test_cases_cover_bias_and_moe(results):
+    assert results["dense_bias_sqrt2L"]["bias_max"] > 0.1   # nonzero biases go through the scale
+    assert results["moe_number"]["is_moe"] == "MoELayer"
+    assert results["dense_1_over_L"]["is_moe"] == "MLP"
+    assert len(results["dense_1_over_L"]["same_input"]) == 3
