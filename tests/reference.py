@@ -1,4 +1,4 @@
-"""Independent float64 references of DESIGN.md §2, written from the equations, not from the package."""
+"""Independent float64 references of the hyperball update rules (Hyperball, HyperP), written from the equations, not from the package."""
 
 from __future__ import annotations
 

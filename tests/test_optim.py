@@ -1,4 +1,4 @@
-"""Single-process AdamH / MuonH against the float64 references of DESIGN.md §2."""
+"""Single-process AdamH / MuonH against the float64 references of the update rules."""
 
 
 import copy

@@ -3,7 +3,7 @@
     python -m megatron_hyperball.data.prepare --out data/pystdlib [--max-mb 20] [--valid-every 50]
 
 Every machine that runs this project has a Python standard library, so this corpus needs no
-download. What is written (DESIGN.md §5):
+download. What is written:
 
 - Documents: the ``.py`` files under ``sysconfig.get_paths()['stdlib']``, sorted by their POSIX
   path relative to that folder, skipping ``site-packages`` / ``dist-packages``, test folders

@@ -1,4 +1,4 @@
-"""HyperP model side (DESIGN.md §4): Depth-muP block output scaling (``depth_mup``)."""
+"""HyperP model side (HyperP): Depth-muP block output scaling (``depth_mup``)."""
 
 from megatron_hyperball.models.depth_mup import (
     BLOCK_OUTPUT_SCALES,

@@ -1,4 +1,4 @@
-"""Depth-muP block output scaling (HyperP; DESIGN.md §4).
+"""Depth-muP block output scaling (HyperP).
 
 Every sub-block output -- attention after its output projection, MLP / MoE after its down
 projection -- is multiplied by alpha before the residual add:

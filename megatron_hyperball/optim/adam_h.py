@@ -1,4 +1,4 @@
-"""AdamH: Adam on the sphere (Wen et al., hyperball part 1; DESIGN.md §2).
+"""AdamH: Adam on the sphere (Wen et al., "Hyperball"; HyperP).
 
     m = b1 m + (1 - b1) G,   v = b2 v + (1 - b2) G^2          base update (Adam)
     u = m_hat / (sqrt(v_hat) + eps)
@@ -101,4 +101,4 @@ class AdamH(HyperballOptimizer):
         return [us[i] for i in keep], [cs[i] for i in keep]
 
     def shape_scale(self, shape: tuple[int, int]) -> float:
-        return 1.0  # Adam's update as is (DESIGN.md §2, update-norm 'shape')
+        return 1.0  # update-norm "shape": Adam's update as is (MD's convention)

@@ -1,4 +1,4 @@
-"""MuonH: Muon on the sphere (hyperball part 1, HyperP; DESIGN.md §2).
+"""MuonH: Muon on the sphere (Wen et al., "Hyperball"; HyperP).
 
     B = mu B + (1 - mu) G                       momentum (EMA form, as emerging-optimizers' Muon)
     M = G + mu (B - G)  (nesterov)  or  B

@@ -1,6 +1,6 @@
 """The sphere step in pure math, written so it runs on whole matrices or on shards of them.
 
-For a matrix W (m x n) on the sphere of radius R and a base-optimizer update u (DESIGN.md §2):
+For a matrix W (m x n) on the sphere of radius R and a base-optimizer update u (Hyperball; HyperP):
 
     W'     = W - lr * R * N(u)          exact mode: the relative step is exactly lr
     W'     = W - lr * s * u             shape mode: u as the base optimizer made it, s its scale

@@ -121,6 +121,9 @@ def _install_layer_wise_found_inf() -> None:
             if isinstance(member, Float16OptimizerWithFloat16Params) and member.grad_scaler is None:
                 member.grad_scaler = ConstantGradScaler(config.loss_scale)
                 member.found_inf = torch.tensor([0.0], dtype=torch.float, device=device)
+                # a matrix's gradient lives on its owner only: reduce found-inf over every rank (as
+                # LayerWiseDistributedOptimizer reduces its grad norm), not the model-parallel default
+                member.grad_stats_parallel_group = None
 
     replace(LayerWiseDistributedOptimizer, "__init__", __init__)
 

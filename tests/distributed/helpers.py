@@ -118,15 +118,15 @@ def load_full_weights(model, full: Dict[str, torch.Tensor]) -> None:
         p.copy_(src)
 
 
-def feed_synthetic_grads(model, step: int, nan_in: Optional[str] = None) -> None:
+def feed_synthetic_grads(model, step: int, nan_in: Optional[str] = None, bad: float = float("nan")) -> None:
     """Write :func:`grad` (this rank's TP slice) into every param's ``main_grad``, as Megatron's grad
-    sync leaves it; ``nan_in``: put a NaN into the first element of the params ending so."""
+    sync leaves it; ``nan_in``: put ``bad`` (NaN) into the first element of the params ending so."""
     tp, tp_rank = _tp()
     for name, p in global_names(model).items():
         g = _local_slice(grad(name, _full_shape(p, tp), step), p, tp, tp_rank)
         if nan_in is not None and name.endswith(nan_in):
             g = g.clone()
-            g.view(-1)[0] = float("nan")
+            g.view(-1)[0] = bad
         p.main_grad.copy_(g)
 
 
@@ -214,7 +214,8 @@ def build_hyperball(optimizer: str, **kwargs):
 
 
 def fed_steps(ddp, optimizer, scheduler, steps: Iterable[int], nan_step: int = -1,
-              counter: Optional["AllReduceCounter"] = None, count_step: int = -1) -> list[bool]:
+              counter: Optional["AllReduceCounter"] = None, count_step: int = -1,
+              bad: float = float("nan")) -> list[bool]:
     """The optimizer alone: per step, every rank writes the same synthetic gradients into the grad
     buffers (as Megatron's grad sync leaves them) and calls ``optimizer.step()``. Returns the steps'
     success flags. ``counter`` counts the all-reduces of step ``count_step``."""
@@ -223,7 +224,7 @@ def fed_steps(ddp, optimizer, scheduler, steps: Iterable[int], nan_step: int = -
         scheduler.step(increment=1)
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        feed_synthetic_grads(ddp, step, nan_in="linear_fc1.weight" if step == nan_step else None)
+        feed_synthetic_grads(ddp, step, nan_in="linear_fc1.weight" if step == nan_step else None, bad=bad)
         with (counter.counting() if counter is not None and step == count_step else contextlib.nullcontext()):
             success, _, _ = optimizer.step()
         ok.append(bool(success))

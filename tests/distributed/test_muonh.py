@@ -12,8 +12,11 @@ import pytest
 from megatron.core import parallel_state
 
 from megatron_hyperball.mcore.tree import describe
+import torch
+
 from tests.distributed.helpers import (
     assert_rel_close,
+    local_optimizer_state,
     build_hyperball,
     fed_steps,
     full_params,
@@ -60,3 +63,24 @@ def test_muonh_dp2_equals_dp1(parallel):
     parallel(pp=2)
     _, _, dp1 = fed_run("muonh")
     assert_rel_close(dp1, dp2, 1e-6, "MuonH DP1 vs DP2")
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_non_finite_step_changes_nothing(parallel, bad):
+    """bf16 MuonH on the layer-wise optimizer with a loss scale (Megatron's switch for found-inf in
+    bf16): a non-finite gradient at step 2 is skipped; every parameter and every optimizer state
+    (momentum, fp32 main params, Adam moments) equals a run that never saw step 2, bitwise.
+    megatron-core 0.19.2 alone builds the layer-wise members without a grad scaler, and the step
+    turned the matrix and its momentum into NaN (patch layer_wise_found_inf)."""
+    results = {}
+    for case, steps, nan_step in (("bad", [0, 1, 2, 3], 2), ("without", [0, 1, 3], -1)):
+        parallel()
+        ddp, optimizer, scheduler = build_hyperball("muonh", lr=LR, steps=4, bf16=True, loss_scale=1.0)
+        ok = fed_steps(ddp, optimizer, scheduler, steps, nan_step=nan_step, bad=bad)
+        results[case] = ok, full_params(ddp), local_optimizer_state(optimizer)
+    assert results["bad"][0] == [True, True, False, True]
+    for got, want in ((results["bad"][1], results["without"][1]), (results["bad"][2], results["without"][2])):
+        assert got.keys() == want.keys()
+        for k in got:
+            assert torch.equal(got[k], want[k]), k
