@@ -551,3 +551,18 @@ def test_trainer_optimizer_config_and_param_groups(megatron_parsed):
     assert norm == {"max_lr": 0.008, "min_lr": pytest.approx(0.008 * frac), "wd_mult": 0.0}
     qkv = groups["decoder.layers.0.self_attention.linear_qkv.weight"]
     assert qkv == {"max_lr": lr, "min_lr": pytest.approx(lr * frac, rel=1e-12), "wd_mult": 1.0}
+
+
+def test_router_sphere_default_follows_the_optimizer_and_none_is_not_ignored():
+    """The router is a sphere matrix under adamh / muonh; a config that asks for 'none' there is
+    refused (the adapter would silently put it on the sphere), not ignored."""
+    from megatron_hyperball.config import launch_problems
+
+    cfg = cfg_of("optimizer.name=muonh", "model.moe={num_experts: 4}")
+    assert cfg.model.moe.router_sphere is None and launch_problems(cfg, 1, cpu=True) == []
+    cfg = cfg_of("model.moe={num_experts: 4, router_sphere: none}")  # adamh
+    problems = dict(launch_problems(cfg, 1, cpu=True))
+    assert "'none' with optimizer 'adamh'" in problems["model.moe.router_sphere"]
+    assert "allowed: frobenius" in problems["model.moe.router_sphere"]
+    cfg = cfg_of("optimizer.name=adamw", "model.moe={num_experts: 4, router_sphere: none}")
+    assert launch_problems(cfg, 1, cpu=True) == []

@@ -52,6 +52,10 @@ def _not_implemented(cfg: HyperballConfig) -> list[tuple[str, str]]:
         p.append(("model.moe.sqrt_gate", "SqrtGate is not implemented in this release; allowed: false"))
     if moe is not None and moe.router_sphere == "row":
         p.append(("model.moe.router_sphere", "'row' is not implemented in this release; allowed: frobenius, none"))
+    if moe is not None and moe.router_sphere == "none" and cfg.optimizer.sphere:
+        # the adapter puts every router on a sphere today: refuse rather than ignore the key
+        p.append(("model.moe.router_sphere", f"'none' with optimizer '{cfg.optimizer.name}' is not implemented in "
+                                             f"this release (the router is a sphere matrix); allowed: frobenius"))
     # megatron-core 0.19.2's layer-wise optimizer in fp32 (checked on CPU): Muon fails when the
     # optimizer is built (ChainedOptimizer's config assert); MuonH trains but its first checkpoint
     # save fails (the fp32 members are FP32Optimizers, whose sharded state dict has no 'optimizer'

@@ -125,8 +125,9 @@ class MoEConfig(_Section):
     shared_expert_size: Optional[int] = Field(None, ge=1)
     sqrt_gate: bool = False
     """SqrtGate (HyperP): gates g -> sqrt(g) after the top-k softmax."""
-    router_sphere: Literal["frobenius", "row", "none"] = "none"
-    """frobenius: the router is a sphere matrix of the optimizer (HyperP); row: unit-norm rows (MD)."""
+    router_sphere: Optional[Literal["frobenius", "row", "none"]] = None
+    """frobenius: the router is a sphere matrix of the optimizer (HyperP); row: unit-norm rows (MD);
+    none: plain Adam. Default: frobenius with a sphere optimizer (HyperP), none otherwise."""
     aux_loss_coeff: Num = Field(0.0, ge=0)
     token_dispatcher: Literal["allgather", "alltoall", "flex"] = "allgather"
     grouped_gemm: bool = False
