@@ -14,7 +14,9 @@
 #   OMP_NUM_THREADS  CPU threads per process (default: 1 without GPUs, else left to torchrun)
 #   TORCHRUN_ARGS    extra torchrun arguments (default: none)
 #
-# Every argument is passed to scripts/pretrain_gpt.py. The full command is printed before it runs.
+# Every argument is passed to scripts/pretrain_gpt.py (--config takes a file or a shipped config's
+# name, e.g. gpt_125m_muonh: scripts/megatron-hyperball configs lists them). The full command is
+# printed before it runs.
 # Paths in the config (checkpoint.save, data) must be valid on every node; the checkpoint
 # directory must be on a file system all nodes share.
 set -euo pipefail

@@ -9,7 +9,9 @@
 #   OMP_NUM_THREADS  CPU threads per process (default: 1 without GPUs, else left to torchrun)
 #   TORCHRUN_ARGS    extra torchrun arguments, e.g. "--max-restarts 0" (default: none)
 #
-# Every argument is passed to scripts/pretrain_gpt.py. The full command is printed before it runs.
+# Every argument is passed to scripts/pretrain_gpt.py (--config takes a file or a shipped config's
+# name, e.g. gpt_125m_muonh: scripts/megatron-hyperball configs lists them). The full command is
+# printed before it runs.
 # The config is checked first (pretrain_gpt.py --check-only, well under a second, no torch import):
 # a config error exits with status 2 before torchrun starts (under torchrun a failed child makes
 # torchrun itself exit 1).

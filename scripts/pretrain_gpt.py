@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Pretrain a GPT with Megatron's training loop from one YAML config.
+"""Pretrain a GPT with Megatron's training loop from one YAML config, from a checkout.
 
     torchrun --nproc-per-node 2 scripts/pretrain_gpt.py --config configs/quickstart.yaml [KEY=VALUE ...]
     python scripts/pretrain_gpt.py --check-only --config X.yaml [KEY=VALUE ...]   # validate only
+
+A thin wrapper: the same entry as ``python -m megatron_hyperball.pretrain`` of an installed package
+(``megatron_hyperball.pretrain.entry.main``); ``--config`` also takes a shipped config's name
+(``--config quickstart``). Paths in the config are relative to the working directory.
 
 Overrides (``--set KEY=VALUE`` or bare ``section.key=value``) are validated like the file; any
 other argument is passed to Megatron's parser as an extra flag (a later flag wins).

@@ -10,12 +10,21 @@ Overrides (any key, any depth), parsed with YAML value semantics and validated l
 
 A later override of the same key wins; a dotted key creates missing sections on the way. The
 resolved config can be written next to a checkpoint and loaded back as it is.
+
+``--config`` takes a file or the name of a shipped config (:func:`resolve_config`): an existing
+file wins; else ``quickstart`` (or ``quickstart.yaml``) is the package's
+``megatron_hyperball/configs/quickstart.yaml`` (the repository's ``configs/`` in a checkout or an
+editable install); anything else is refused with the list of names. Relative paths inside a config
+(data, checkpoint, TensorBoard, W&B, tokenizer files) are relative to the working directory of the
+run, never to the config file: a shipped config run by name writes where the user stands, not into
+the installed package.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -28,7 +37,7 @@ from megatron_hyperball.config.schema import ConfigError, HyperballConfig, valid
 __all__ = [
     "RESOLVED_CONFIG_NAME", "read_yaml", "parse_override", "parse_overrides", "apply_overrides",
     "load_config", "add_config_arguments", "split_argv", "config_from_argv", "resolved_config_yaml",
-    "save_resolved_config",
+    "save_resolved_config", "SHIPPED_CONFIGS", "shipped_configs_dir", "shipped_configs", "resolve_config",
 ]
 
 RESOLVED_CONFIG_NAME = "hyperball_config.yaml"
@@ -143,11 +152,71 @@ def apply_overrides(raw: dict, overrides: Iterable[tuple[str, Any] | str]) -> di
     return out
 
 
+# -- the shipped configs ---------------------------------------------------------------------------
+SHIPPED_CONFIGS = "megatron_hyperball.configs"
+"""The package whose data files are the shipped configs (setup.py maps the repository's configs/)."""
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def shipped_configs_dir() -> Optional[Path]:
+    """The folder of the shipped configs: ``megatron_hyperball/configs`` of an installed wheel, the
+    repository's ``configs/`` in an editable install or a checkout run without installing; None if
+    neither exists. Imports nothing heavy (the package's __init__ is not run for it)."""
+    try:
+        spec = importlib.util.find_spec(SHIPPED_CONFIGS)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    root = Path(__file__).resolve().parents[2]  # <checkout>/megatron_hyperball/config/load.py
+    if (root / "setup.py").is_file() and (root / "configs").is_dir():
+        return root / "configs"
+    return None
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name -> file of every shipped config, sorted by name (``quickstart`` -> ``.../quickstart.yaml``)."""
+    folder = shipped_configs_dir()
+    if folder is None:
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in _YAML_SUFFIXES and p.is_file()}
+
+
+def resolve_config(config: str | os.PathLike) -> Path:
+    """The file ``--config CONFIG`` means: an existing file as given (a relative path against the
+    working directory); else a shipped config's name, with or without ``.yaml``; else a ConfigError
+    listing the shipped names. A directory or broken link of that name is left to :func:`read_yaml`
+    to refuse, unless a shipped config has the name."""
+    text = os.fspath(config)
+    path = Path(text)
+    if path.is_file() or not text.strip():
+        return path
+    shipped = shipped_configs()
+    bare = os.sep not in text and not (os.altsep and os.altsep in text)
+    name = path.stem if path.suffix in _YAML_SUFFIXES else path.name
+    if bare and name in shipped:
+        return shipped[name]
+    if os.path.lexists(path):
+        return path
+    names = ", ".join(shipped) or "(none found: the package is incomplete)"
+    if bare:
+        raise ConfigError([("", f"no config file {text!r} in the working directory {os.getcwd()}, and no shipped "
+                                f"config of that name; allowed: a YAML config file, or a shipped config name: "
+                                f"{names} (megatron-hyperball configs lists them)")], text)
+    hint = (f"the shipped config of that name (--config {name})" if name in shipped
+            else f"a shipped config name: {names}")
+    raise ConfigError([("", f"cannot read config file: No such file or directory (relative to the working "
+                            f"directory {os.getcwd()}); allowed: a readable YAML file, or {hint}")], text)
+
+
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[tuple[str, Any] | str] = (),
                 raw: Optional[dict] = None) -> HyperballConfig:
-    """Read ``path`` (or take ``raw``), apply ``overrides``, validate. Raises ConfigError."""
+    """Read ``path`` (a file, or a shipped config's name: :func:`resolve_config`) or take ``raw``,
+    apply ``overrides``, validate. Raises ConfigError."""
     if (path is None) == (raw is None):
         raise ValueError("load_config: give exactly one of path and raw")
+    if path is not None:
+        path = resolve_config(path)
     source = str(path) if path is not None else None
     data = read_yaml(path) if path is not None else raw
     try:
@@ -161,7 +230,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises ConfigError instead of printing usage and exiting (once per rank)."""
 
     def error(self, message):
-        raise ConfigError([("", f"command line: {message}; allowed: --config X.yaml [KEY=VALUE ...] "
+        raise ConfigError([("", f"command line: {message}; allowed: --config X.yaml|NAME [KEY=VALUE ...] "
                                 f"[--set KEY=VALUE ...] [--megatron-flag ...]")])
 
 
@@ -170,9 +239,10 @@ _SECTION_NAMES = ("seed", "precision", "model", "parallelism", "data", "optimize
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--config PATH and --set KEY=VALUE [KEY=VALUE ...] (repeatable)."""
+    """--config PATH|NAME and --set KEY=VALUE [KEY=VALUE ...] (repeatable)."""
     group = parser.add_argument_group("hyperball config")
-    group.add_argument("--config", required=True, help="YAML config file")
+    group.add_argument("--config", required=True, help="YAML config file, or a shipped config's name "
+                                                       "(megatron-hyperball configs lists them)")
     group.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set optimizer.lr=0.01 (YAML values)")
     return parser
