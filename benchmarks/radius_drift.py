@@ -3,7 +3,7 @@
     python benchmarks/radius_drift.py [--steps 10000]
 
 Prints max |‖W_t‖/R - 1| over the run for radius 'init' (R held from the first step) and a fixed
-radius. Measured 2026-11-25 (2-core CPU, 10,000 steps, 64x32 and 32x128): init 2.5e-7 (before R
+radius. Measured 2026-11-25 (2-core CPU, 10,000 steps, 64x32 and 32x128): init 2.9e-7, fixed radius 2.7e-7 (before R
 was held: 1.5e-6, growing like sqrt(steps)).
 """
 

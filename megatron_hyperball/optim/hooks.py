@@ -96,7 +96,7 @@ class SphereRetraction(SphereHook):
 
     Radius 'init': R is ||W|| at the first step the sphere takes, then held: re-reading ||W||
     every step lets fp32 rounding walk it like sqrt(steps) (1.5e-6 after 10,000 steps; held:
-    2.5e-7, not growing). R is checkpointed (``state_dict``), so a resumed run holds the same R.
+    2.9e-7 over 10,000, not growing). R is checkpointed (``state_dict``), so a resumed run holds the same R.
     """
 
     def __init__(self) -> None:
