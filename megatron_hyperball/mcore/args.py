@@ -6,18 +6,26 @@ the hyperball names. ``optimizer_config_from_args`` is what ``megatron.training`
 its ``get_megatron_optimizer_config(args)``: the ``HyperballOptimizerConfig`` with every
 ``OptimizerConfig`` field read from ``args`` plus the hyperball options, and the config overrides
 with the per-group learning rates.
+
+``add_launcher_args`` is what the drop-in launcher (``python -m megatron_hyperball.run``) chains
+after a script's own ``extra_args_provider``: the plugin's flags (unless the script added them),
+Depth-muP's ``--block-output-scale`` (the YAML entry takes it from its config instead), and a
+"did you mean" hint when an unrecognized flag is close to a known one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
 from typing import Any
 
 from megatron_hyperball import names
 from megatron_hyperball.mcore.roles import role_of
 
-__all__ = ["add_plugin_args", "optimizer_config_from_args", "param_group_overrides", "PER_GROUP_LR_KEYS"]
+__all__ = ["add_plugin_args", "add_block_output_scale_arg", "add_launcher_args", "has_flag",
+           "optimizer_config_from_args", "param_group_overrides", "PER_GROUP_LR_KEYS", "BLOCK_OUTPUT_SCALE_FLAG"]
 
 PER_GROUP_LR_KEYS = ("embedding_lr", "output_lr", "scalar_lr")
 
@@ -50,6 +58,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _block_output_scale(text: str):
+    try:
+        return names.parse_block_output_scale(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the plugin's flags to Megatron's parser and the hyperball names to ``--optimizer``."""
     for action in parser._actions:  # argparse keeps choices on the action; extend, never replace
@@ -69,6 +84,71 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                            help=f"peak lr of the {key.split('_')[0]} parameters (decays like the main lr)")
     group.add_argument("--hyperball-metrics-interval", type=_non_negative_int, default=0,
                        help="log per-matrix-type weight norms / relative updates every N steps (0: off)")
+    return parser
+
+
+BLOCK_OUTPUT_SCALE_FLAG = "--block-output-scale"
+
+
+def has_flag(parser: argparse.ArgumentParser, flag: str) -> bool:
+    """Whether ``parser`` already has the option ``flag``."""
+    return flag in parser._option_string_actions
+
+
+def add_block_output_scale_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--block-output-scale``: Depth-muP's alpha on every attention / MLP output before its residual
+    add (``models.depth_mup``), parsed without the depth; resolved with ``--num-layers`` when the
+    model is built (patch ``gpt_model_block_output_scale``). Default: off, i.e. Megatron's model."""
+    if has_flag(parser, BLOCK_OUTPUT_SCALE_FLAG):
+        return parser
+    group = parser.add_argument_group("megatron-hyperball (drop-in launcher)")
+    group.add_argument(BLOCK_OUTPUT_SCALE_FLAG, type=_block_output_scale, default=None, dest="block_output_scale",
+                       help="Depth-muP: scale each attention / MLP output by alpha before its residual add; "
+                            f"allowed: {', '.join(names.BLOCK_OUTPUT_SCALES)} (default: none). "
+                            "L is --num-layers.")
+    return parser
+
+
+def _suggest_close_flags(parser: argparse.ArgumentParser) -> None:
+    """Append 'did you mean --x?' to argparse's 'unrecognized arguments' error when an unknown
+    option is close to a known one (e.g. --hyperball-radiuss). Same exit (2), same usage line."""
+    if getattr(parser, "_hyperball_suggests", False):
+        return
+    error = parser.error
+
+    def error_with_hint(message: str):
+        match = re.match(r"unrecognized arguments: (.*)", message)
+        if match:
+            known = [o for o in parser._option_string_actions if o.startswith("--")]
+            hints = []
+            for token in match.group(1).split():
+                if not token.startswith("--"):
+                    continue
+                close = difflib.get_close_matches(token.split("=", 1)[0], known, n=1, cutoff=0.85)
+                if close:
+                    action = parser._option_string_actions[close[0]]
+                    if action.choices:
+                        allowed = f" (allowed: {', '.join(map(str, action.choices))})"
+                    elif action.help and "allowed: " in action.help:
+                        allowed = f" ({action.help[action.help.index('allowed: '):]})"
+                    else:
+                        allowed = ""
+                    hints.append(f"{token}: did you mean {close[0]}{allowed}?")
+            if hints:
+                message = f"{message}; {'; '.join(hints)}"
+        return error(message)
+
+    parser.error = error_with_hint
+    parser._hyperball_suggests = True
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The drop-in launcher's ``extra_args_provider`` tail: :func:`add_plugin_args` (unless the
+    parser has it already), :func:`add_block_output_scale_arg`, and close-match hints."""
+    if not has_flag(parser, "--hyperball-radius"):
+        parser = add_plugin_args(parser)
+    parser = add_block_output_scale_arg(parser)
+    _suggest_close_flags(parser)
     return parser
 
 

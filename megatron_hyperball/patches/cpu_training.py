@@ -3,7 +3,8 @@
 ``compat.enable_cpu()`` already gives Megatron's modules a CPU view of torch (device factories,
 streams, RNG). These entries cover what that view cannot: an explicit CUDA requirement, decisions
 taken on ``torch.cuda.device_count()`` and on the GPU architecture, the warm-up compilation of GPU
-fusions, and ``Module.cuda()``. None changes an algorithm: the same Megatron functions run, on
+fusions, ``Module.cuda()`` (``get_model`` and the config-container model builder), and a user
+script's ``tensor.cuda()`` in its forward step (the drop-in launcher). None changes an algorithm: the same Megatron functions run, on
 the CPU. The flags the entry adds on CPU (gloo, fusions off) are in ``pretrain.megatron_args``.
 """
 
@@ -190,4 +191,69 @@ register(Patch(
     why="get_model calls model_module.cuda(torch.cuda.current_device()), which the CPU view makes the CPU "
         "device; Module.cuda() with a CPU device raises. The model is built on the CPU, where it must stay.",
     install=_install_get_model_on_cpu,
+))
+
+
+def _install_cpu_forward_step() -> None:
+    import megatron.training as training_package
+    from megatron.training import training as trainer
+
+    from megatron_hyperball.compat.tensor_methods import _cpu_tensors_as_device_tensors
+
+    original = trainer.pretrain
+
+    def on_cpu(forward_step_func):
+        @functools.wraps(forward_step_func)
+        def forward_step(*args, **kwargs):
+            with _cpu_tensors_as_device_tensors():
+                return forward_step_func(*args, **kwargs)
+
+        return forward_step
+
+    @functools.wraps(original)
+    def pretrain(cfg_container, train_valid_test_dataset_provider, model_type, forward_step_func, *args, **kwargs):
+        return original(cfg_container, train_valid_test_dataset_provider, model_type, on_cpu(forward_step_func),
+                        *args, **kwargs)
+
+    replace(trainer, "pretrain", pretrain)
+    if training_package.pretrain is original:
+        replace(training_package, "pretrain", pretrain)
+
+
+register(Patch(
+    name="cpu_forward_step_tensor_cuda",
+    target="megatron.training.training.pretrain (forward_step_func: Tensor.cuda() keeps CPU tensors)",
+    versions=VERSIONS, group="cpu",
+    why="A script's forward step moves its batch with tensor.cuda() (Megatron-LM's pretrain_gpt.get_batch: "
+        "batch[key].cuda(non_blocking=True)), which raises without CUDA; the script is the user's and is not "
+        "changed. While the forward step runs, the CPU layer's tensor-method scope (compat.tensor_methods) "
+        "makes Tensor.cuda() return the CPU tensor, as in Megatron's own functions it covers.",
+    install=_install_cpu_forward_step,
+))
+
+
+def _install_cpu_model_chunks() -> None:
+    from megatron.training.models import dist_utils
+
+    original = dist_utils.prepare_existing_model_chunks_for_distributed_training
+
+    @functools.wraps(original)
+    def prepare_existing_model_chunks_for_distributed_training(*args, **kwargs):
+        with _modules_stay_on_cpu():
+            return original(*args, **kwargs)
+
+    replace(dist_utils, "prepare_existing_model_chunks_for_distributed_training",
+            prepare_existing_model_chunks_for_distributed_training)
+
+
+register(Patch(
+    name="cpu_model_chunks",
+    target="megatron.training.models.dist_utils.prepare_existing_model_chunks_for_distributed_training "
+           "(Module.cuda(cpu) is a no-op inside)",
+    versions=VERSIONS, group="cpu",
+    why="Megatron-LM's pretrain_gpt.py (0.19) builds the model through the config container's builder "
+        "(GPTModelBuilder.build_distributed_models), not get_model, and this function calls "
+        "model_module.cuda(torch.cuda.current_device()), which the CPU view makes the CPU device; Module.cuda() "
+        "with a CPU device raises. The model is built on the CPU, where it must stay (as patch cpu_get_model).",
+    install=_install_cpu_model_chunks,
 ))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 
 from megatron_hyperball.patches import Patch, register, replace
 
@@ -151,4 +152,166 @@ register(Patch(
         "the checkpoint loader) leaves the previous one untouched. megatron.training has no hook there; the "
         "loop calls the save_checkpoint it imported into megatron.training.training.",
     install=_install_after_checkpoint_save,
+))
+
+
+# -- the drop-in launcher (python -m megatron_hyperball.run pretrain_gpt.py ...) -------------------
+
+EXTRA_ARGS_PROVIDERS: list = []
+"""``extra_args_provider``s chained by ``parse_args_plugin_flags`` after the script's own provider
+and ``add_plugin_args`` (the drop-in launcher adds ``mcore.args.add_launcher_args`` here)."""
+
+
+def _install_parse_args_plugin_flags() -> None:
+    from megatron.training import arguments
+
+    from megatron_hyperball.mcore.args import add_plugin_args, has_flag
+
+    original = arguments.parse_args
+
+    @functools.wraps(original)
+    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
+        def provider(parser):
+            if extra_args_provider is not None:
+                parser = extra_args_provider(parser)
+            if not has_flag(parser, "--hyperball-radius"):  # the YAML entry passes add_plugin_args itself
+                parser = add_plugin_args(parser)
+            for extra in list(EXTRA_ARGS_PROVIDERS):
+                parser = extra(parser)
+            return parser
+
+        return original(provider, ignore_unknown_args)
+
+    replace(arguments, "parse_args", parse_args)
+
+
+register(Patch(
+    name="parse_args_plugin_flags",
+    target="megatron.training.arguments.parse_args",
+    versions=VERSIONS,
+    group="training",
+    why="A user's script (Megatron-LM's pretrain_gpt.py calls parse_and_validate_args(extra_args_provider="
+        "add_modelopt_args or None); pretrain() parses nothing in 0.19) builds Megatron's parser with its own "
+        "extra_args_provider, which knows nothing of --optimizer adamh/muonh or --hyperball-*. parse_and_validate_"
+        "args calls the module's parse_args: it now chains add_plugin_args (unless the parser has it) and "
+        "EXTRA_ARGS_PROVIDERS after the script's provider, so the flags are on Megatron's own parser and a "
+        "misspelled or out-of-range value is argparse's usage error (status 2).",
+    install=_install_parse_args_plugin_flags,
+))
+
+
+_depth_mup_reported: list = []
+
+
+def _block_output_alpha():
+    """(value as given, alpha) from Megatron's global args, or None when --block-output-scale is
+    absent (the YAML entry's parser) or none."""
+    from megatron.training import get_args
+
+    from megatron_hyperball import names
+
+    try:
+        args = get_args()
+    except AssertionError:  # a GPTModel built outside megatron.training (no global args)
+        return None
+    value = getattr(args, "block_output_scale", None)
+    if value is None:
+        return None
+    return value, names.resolve_block_output_scale(value, args.num_layers)
+
+
+def _install_gpt_model_block_output_scale() -> None:
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_hyperball.models.depth_mup import apply_depth_mup
+
+    original = GPTModel.__init__
+
+    @functools.wraps(original)
+    def __init__(self, config, transformer_layer_spec, *args, **kwargs):
+        scale = _block_output_alpha()
+        if scale is None:
+            return original(self, config, transformer_layer_spec, *args, **kwargs)
+        value, alpha = scale
+        original(self, config, apply_depth_mup(transformer_layer_spec, alpha), *args, **kwargs)
+        if not _depth_mup_reported:
+            layers = list(getattr(getattr(self, "decoder", None), "layers", None) or ())
+            scaled = sum(getattr(layer.self_attn_bda, "alpha", None) == alpha
+                         and getattr(layer.mlp_bda, "alpha", None) == alpha for layer in layers)
+            _depth_mup_reported.append(alpha)
+            _print_rank0(f"[hyperball] Depth-muP: block output scale {value} -> alpha = {alpha:.6g} "
+                         f"(L = {config.num_layers}; {scaled}/{len(layers)} layers of this stage scaled)")
+
+    replace(GPTModel, "__init__", __init__)
+
+
+register(Patch(
+    name="gpt_model_block_output_scale",
+    target="megatron.core.models.gpt.gpt_model.GPTModel.__init__ (transformer_layer_spec)",
+    versions=VERSIONS,
+    group="training",
+    why="--block-output-scale (the drop-in launcher's flag) must reach the model Megatron-LM's script builds. "
+        "Its layer spec comes from megatron.training.models.gpt.default_layer_spec (0.19's config-container "
+        "path), from gpt_builders' own imports of the gpt_layer_specs functions (the model_provider path) or "
+        "from --spec; each binds the spec functions by name, but all hand the spec to GPTModel. Its "
+        "self_attn_bda / mlp_bda entries become models.depth_mup's scaled bias-dropout-add (weights and "
+        "checkpoints unchanged). Without --block-output-scale (the YAML entry) it changes nothing.",
+    install=_install_gpt_model_block_output_scale,
+))
+
+
+_lock = threading.RLock()  # the module global swapped below
+
+
+def _install_builder_layer_wise_layout() -> None:
+    from megatron.core.optimizer.layer_wise_optimizer import (
+        LayerWiseDistributedOptimizer,
+        tag_params_for_buffer_routing,
+    )
+    from megatron.training import get_args
+    from megatron.training.models import dist_utils
+
+    original = dist_utils._ddp_wrap
+
+    class _LayerWiseLayout:  # what _ddp_wrap asks of DistributedOptimizer: the layout of one chunk
+        compute_full_param_layout = staticmethod(LayerWiseDistributedOptimizer.compute_full_param_layout)
+
+    @functools.wraps(original)
+    def _ddp_wrap(model, data_parallel_random_init, ddp_config, overlap_param_gather_with_optimizer_step,
+                  use_megatron_fsdp=False, use_torch_fsdp2=False, **kwargs):
+        args = get_args()
+        if not (getattr(args, "use_layer_wise_distributed_optimizer", False)
+                and getattr(args, "use_layer_wise_param_layout", True)
+                and not use_megatron_fsdp and not use_torch_fsdp2):
+            return original(model, data_parallel_random_init, ddp_config, overlap_param_gather_with_optimizer_step,
+                            use_megatron_fsdp, use_torch_fsdp2, **kwargs)
+        # as megatron.training.training.wrap_model_chunks_with_ddp does for get_model
+        ddp_config.use_distributed_optimizer = True
+        tag_params_for_buffer_routing(model)
+        with _lock:
+            saved = dist_utils.DistributedOptimizer
+            dist_utils.DistributedOptimizer = _LayerWiseLayout
+            try:
+                return original(model, data_parallel_random_init, ddp_config, overlap_param_gather_with_optimizer_step,
+                                use_megatron_fsdp, use_torch_fsdp2, **kwargs)
+            finally:
+                dist_utils.DistributedOptimizer = saved
+
+    replace(dist_utils, "_ddp_wrap", _ddp_wrap)
+
+
+register(Patch(
+    name="builder_layer_wise_layout",
+    target="megatron.training.models.dist_utils._ddp_wrap",
+    versions=VERSIONS,
+    group="training",
+    why="Megatron-LM's pretrain_gpt.py (0.19) builds the model through the config container's builder, whose "
+        "_ddp_wrap ignores the layer-wise optimizer: it computes no shard-aligned layout although "
+        "use_layer_wise_param_layout is Megatron's default, so MuonH silently gets the legacy ping-pong path (Adam "
+        "params inside the layer-wise optimizer, not on ZeRO-1; in fp32 ChainedOptimizer then asserts on the "
+        "members' configs). It now wires the model as get_model's wrap_model_chunks_with_ddp does: "
+        "use_distributed_optimizer on the DDP config, params tagged for buffer routing, "
+        "LayerWiseDistributedOptimizer.compute_full_param_layout; the optimizer is then the one the YAML entry "
+        "gets (MuonH layer-wise, the rest on ZeRO-1). --no-use-layer-wise-param-layout keeps the legacy path.",
+    install=_install_builder_layer_wise_layout,
 ))
