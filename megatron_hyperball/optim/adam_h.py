@@ -62,13 +62,16 @@ class AdamH(HyperballOptimizer):
         group["step"] = int(group.get("step", 0)) + 1
         b1, b2 = group["betas"]
         by_step: dict[int, list[int]] = {}
+        step_tensors: dict[int, torch.Tensor] = {}  # one per distinct count: replaced, never incremented in place
         for i, p in enumerate(params):
             state = self.state[p]
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             t = int(state.get("step", 0)) + 1
-            state["step"] = torch.tensor(float(t))
+            if t not in step_tensors:
+                step_tensors[t] = torch.tensor(float(t))
+            state["step"] = step_tensors[t]
             by_step.setdefault(t, []).append(i)
         us: list[torch.Tensor | None] = [None] * len(params)
         cs: list[float] = [1.0] * len(params)
