@@ -409,11 +409,10 @@ def test_launch_problems():
         problems["schedule.global_batch_size"]
     moe = "model.moe={num_experts: 4, sqrt_gate: true, router_sphere: row, token_dispatcher: alltoall}"
     assert paths(cfg_of(moe, "model.transformer_impl=transformer_engine", "precision=fp16"), 2) == [
-        "model.moe.sqrt_gate", "model.moe.router_sphere", "model.transformer_impl", "precision",
-        "model.moe.token_dispatcher"]
+        "model.moe.router_sphere", "model.transformer_impl", "precision", "model.moe.token_dispatcher"]
     have_te = importlib.util.find_spec("transformer_engine") is not None
     assert paths(cfg_of(moe, "model.transformer_impl=transformer_engine", "precision=fp16"), 2, cpu=False) == [
-        "model.moe.sqrt_gate", "model.moe.router_sphere"] + ([] if have_te else ["model.transformer_impl"])
+        "model.moe.router_sphere"] + ([] if have_te else ["model.transformer_impl"])
     # the machine is asked (cpu as a callable) only when a choice depends on it
     asked = []
     ask = lambda: asked.append(1) or True  # noqa: E731
@@ -566,3 +565,11 @@ def test_router_sphere_default_follows_the_optimizer_and_none_is_not_ignored():
     assert "allowed: frobenius" in problems["model.moe.router_sphere"]
     cfg = cfg_of("optimizer.name=adamw", "model.moe={num_experts: 4, router_sphere: none}")
     assert launch_problems(cfg, 1, cpu=True) == []
+
+
+def test_sqrt_gate_keys():
+    cfg = cfg_of("model.moe={num_experts: 4, sqrt_gate: true, shared_expert_size: 32}")
+    assert cfg.model.moe.shared_expert_fraction == 0.5 and launch_problems(cfg, 2, cpu=True) == []
+    assert "allowed: 2 .. num_experts" in str(error_of("model.moe={num_experts: 4, topk: 1, sqrt_gate: true}"))
+    assert "model.moe.shared_expert_fraction" in str(
+        error_of("model.moe={num_experts: 4, sqrt_gate: true, shared_expert_fraction: 1.5}"))

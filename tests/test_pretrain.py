@@ -380,3 +380,18 @@ def test_quickstart_on_gpu(tmp_path):
     val = _printed_validation(out)
     assert val[STEPS] < val[10], val
     assert (tmp_path / "gpu" / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
+
+
+def test_moe_sqrt_gate_trains_through_the_entry(tmp_path, workdir, run_a):
+    """SqrtGate MoE (4 experts, top-2, a shared expert, EP = 2) through the real entry and Megatron's
+    loop: the SqrtGate spec is built, MuonH runs layer-wise, the held-out loss falls."""
+    args = _overrides(tmp_path, workdir / "data", "moe") + [
+        "model.moe={num_experts: 4, topk: 2, sqrt_gate: true, shared_expert_size: 128}", "parallelism.ep=2",
+        "schedule.train_iters=20", "schedule.eval_interval=10"]
+    code, out = _launch(tmp_path, args)
+    assert code == 0, out[-4000:]
+    assert "SqrtGate, shared-expert fraction p = 0.5" in out
+    assert "[hyperball] optimizer: LayerWiseDistributedOptimizer > Float16OptimizerWithFloat16Params > " \
+           "TensorParallelMuonH (megatron_hyperball)" in out
+    val = _printed_validation(out)
+    assert val[20] < val[10] < 3.5, val

@@ -48,8 +48,6 @@ def _layout_problems(cfg: HyperballConfig, world_size: int) -> list[tuple[str, s
 def _not_implemented(cfg: HyperballConfig) -> list[tuple[str, str]]:
     p = []
     moe = cfg.model.moe
-    if moe is not None and moe.sqrt_gate:
-        p.append(("model.moe.sqrt_gate", "SqrtGate is not implemented in this release; allowed: false"))
     if moe is not None and moe.router_sphere == "row":
         p.append(("model.moe.router_sphere", "'row' is not implemented in this release; allowed: frobenius, none"))
     if moe is not None and moe.router_sphere == "none" and cfg.optimizer.sphere:

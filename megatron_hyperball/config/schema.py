@@ -125,6 +125,8 @@ class MoEConfig(_Section):
     shared_expert_size: Optional[int] = Field(None, ge=1)
     sqrt_gate: bool = False
     """SqrtGate (HyperP): gates g -> sqrt(g) after the top-k softmax."""
+    shared_expert_fraction: Num = Field(0.5, ge=0, le=1)
+    """SqrtGate with a shared expert: y = sqrt(1-p) y_routed + sqrt(p) y_shared (HyperP: p = 0.5)."""
     router_sphere: Optional[Literal["frobenius", "row", "none"]] = None
     """frobenius: the router is a sphere matrix of the optimizer (HyperP); row: unit-norm rows (MD);
     none: plain Adam. Default: frobenius with a sphere optimizer (HyperP), none otherwise."""
@@ -135,10 +137,15 @@ class MoEConfig(_Section):
     """One MoE layer every layer_freq layers (Megatron's --moe-layer-freq)."""
 
     def problems(self):
+        p = []
         if self.topk > self.num_experts:
-            return [("topk", f"{self.topk} > model.moe.num_experts={self.num_experts}; "
-                             f"allowed: 1 .. {self.num_experts}")]
-        return []
+            p.append(("topk", f"{self.topk} > model.moe.num_experts={self.num_experts}; "
+                              f"allowed: 1 .. {self.num_experts}"))
+        if self.sqrt_gate and self.topk == 1:
+            # every gate would be 1 (the router learns only from the aux loss), and Megatron refuses
+            # top-1 with the softmax after the top-k, which SqrtGate needs
+            p.append(("topk", "1 with model.moe.sqrt_gate true; allowed: 2 .. num_experts"))
+        return p
 
 
 class ModelConfig(_Section):

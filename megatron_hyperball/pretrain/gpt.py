@@ -33,8 +33,10 @@ __all__ = ["model_provider", "train_valid_test_datasets_provider", "forward_step
 
 
 # -- model ------------------------------------------------------------------------------------------
-def layer_spec(args, config, alpha: Optional[float], vp_stage: Optional[int] = None):
-    """The transformer layer / block spec with Depth-muP scale ``alpha`` (None: off) for ``args``."""
+def layer_spec(args, config, alpha: Optional[float], vp_stage: Optional[int] = None,
+               sqrt_gate_p: Optional[float] = None):
+    """The transformer layer / block spec with Depth-muP scale ``alpha`` (None: off) for ``args``;
+    with ``sqrt_gate_p`` (MoE) the SqrtGate router and shared-expert mix (``models.sqrt_gate``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron_hyperball.models.depth_mup import apply_depth_mup, get_gpt_layer_spec_with_depth_mup
@@ -44,7 +46,12 @@ def layer_spec(args, config, alpha: Optional[float], vp_stage: Optional[int] = N
         # MoE: Megatron's block spec (dense / MoE layers per --moe-layer-freq), then Depth-muP.
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                           normalization=args.normalization, vp_stage=vp_stage)
-        return apply_depth_mup(spec, alpha)
+        spec = apply_depth_mup(spec, alpha)
+        if sqrt_gate_p is not None:
+            from megatron_hyperball.models.sqrt_gate import apply_sqrt_gate
+
+            spec = apply_sqrt_gate(spec, p=sqrt_gate_p)
+        return spec
     return get_gpt_layer_spec_with_depth_mup(
         alpha, use_te=use_te, num_experts=None, moe_grouped_gemm=False,
         qk_layernorm=args.qk_layernorm, normalization=args.normalization)
@@ -63,9 +70,12 @@ def model_provider(cfg, pre_process: bool = True, post_process: bool = True, vp_
     if config is None:
         config = core_transformer_config_from_args(args)
     alpha = cfg.block_output_alpha()
-    spec = layer_spec(args, config, alpha, vp_stage)
+    moe = cfg.model.moe
+    sqrt_gate_p = float(moe.shared_expert_fraction) if moe is not None and moe.sqrt_gate else None
+    spec = layer_spec(args, config, alpha, vp_stage, sqrt_gate_p=sqrt_gate_p)
     print_rank_0(f"> building GPTModel ({args.transformer_impl} spec), Depth-muP block output scale "
-                 f"{cfg.hyperp.block_output_scale} -> alpha = {'off' if alpha is None else f'{alpha:.6g}'}")
+                 f"{cfg.hyperp.block_output_scale} -> alpha = {'off' if alpha is None else f'{alpha:.6g}'}"
+                 + ("" if sqrt_gate_p is None else f"; SqrtGate, shared-expert fraction p = {sqrt_gate_p:g}"))
     kwargs = {}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
