@@ -33,6 +33,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10000)
     steps = ap.parse_args().steps
-    print(f"| radius | steps | max abs(norm/R - 1) |\n|---|---|---|")
+    print("| radius | steps | max abs(norm/R - 1) |\n|---|---|---|")
     for radius in ("init", "sqrt_max_dim"):
         print(f"| {radius} | {steps} | {drift(radius, steps):.3g} |")

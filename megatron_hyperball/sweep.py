@@ -309,7 +309,7 @@ def emit_commands(sweep: Sweep, nproc: int, runs: Optional[list[Run]] = None, **
     runs = sweep.runs if runs is None else runs
     head = [f"# lr sweep: {len(runs)} runs (of {len(sweep.runs)}; finished ones left out), run from "
             f"{shlex.quote(os.getcwd())}",
-            f"# afterwards, the same lr_sweep command without --emit collects the results and writes the report"]
+            "# afterwards, the same lr_sweep command without --emit collects the results and writes the report"]
     return "\n".join(head + [_shell_line(sweep, r, nproc, **kw) for r in runs]) + "\n"
 
 

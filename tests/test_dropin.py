@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, tb_scalars
 
 MEGATRON_LM = REPO_ROOT.parent / "shared" / "thirdparty" / "megatron-lm-core_r0.19.0"
 PRETRAIN_GPT = MEGATRON_LM / "pretrain_gpt.py"
@@ -88,20 +88,6 @@ def _wait(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
 
 def _launch(cwd: Path, args: list[str], nproc: int = 2) -> tuple[int, str]:
     return _wait(_start(cwd, args, nproc))
-
-
-def tb_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} over all event files (a later file wins for a repeated step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(Path(tb_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            for event in acc.Scalars(tag):
-                out.setdefault(tag, {})[event.step] = event.value
-    return out
 
 
 def _args(root: Path, optimizer: str, *extra: str) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, tb_scalars
 
 SCRIPT = REPO_ROOT / "scripts" / "pretrain_gpt.py"
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -70,20 +70,6 @@ def _overrides(root: Path, data_dir: Path, name: str) -> list[str]:
         "logging.metrics_interval=5",
         f"logging.wandb.name={name}",
     ]
-
-
-def tb_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} over all event files (a later file wins for a repeated step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(Path(tb_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            for event in acc.Scalars(tag):
-                out.setdefault(tag, {})[event.step] = event.value
-    return out
 
 
 def _printed_validation(out: str) -> dict[int, float]:

@@ -9,15 +9,9 @@ the forked generator is the CPU generator. CUDA-graph-safe RNG is not supported.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib
-import importlib.abc
 import logging
-import sys
-import threading
-import types
-from typing import Any, Callable, List, Tuple
+from typing import Any
 
 import torch
 

@@ -13,11 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import importlib.abc
-import logging
-import sys
-import threading
-import types
 from typing import Any, Callable, List, Tuple
 
 import torch

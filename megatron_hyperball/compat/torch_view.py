@@ -17,11 +17,9 @@ import contextlib
 import functools
 import importlib
 import importlib.abc
-import logging
 import sys
-import threading
 import types
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
 

@@ -22,9 +22,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import re
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 from megatron_hyperball.names import BLOCK_OUTPUT_SCALES, parse_block_output_scale, resolve_block_output_scale
 

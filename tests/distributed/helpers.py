@@ -463,3 +463,20 @@ class AllReduceCounter:
             yield self
         finally:
             dist.all_reduce = original
+
+
+def sharded_state(ddp, optimizer, is_loading: bool, sharding: str = "dp_reshardable") -> dict:
+    """The model + optimizer sharded state dict megatron.training builds for a torch_dist checkpoint."""
+    from megatron.core import parallel_state
+
+    from megatron_hyperball.mcore.builders import unwrap
+
+    metadata = {
+        "distrib_optim_sharding_type": sharding,
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
+    }
+    sd = {"model": unwrap(ddp).sharded_state_dict(metadata=metadata)}
+    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
+    return sd

@@ -27,6 +27,7 @@ from tests.distributed.helpers import (
     local_optimizer_state,
     rel_err,
     schedule_step,
+    sharded_state,
     split_qkv_bias,
     token_batch,
     train_step,
@@ -174,17 +175,9 @@ def _ckpt_run(variant, phase, ckpt_dir):
     init_parallel(seed=1234 if phase == "save" else 4321)
     ddp = wrap_ddp(build_gpt(**SHAPE, bf16=dtype == "bf16"), use_distributed_optimizer=True)
     optimizer = megatron_optimizer(ddp, bf16=dtype == "bf16")
-    metadata = {  # what megatron.training passes for a torch_dist checkpoint
-        "distrib_optim_sharding_type": sharding,
-        "singleton_local_shards": False,
-        "chained_optim_avoid_prefix": True,
-        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
-    }
 
     def state(is_loading):
-        sd = {"model": unwrap(ddp).sharded_state_dict(metadata=metadata)}
-        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
-        return sd
+        return sharded_state(ddp, optimizer, is_loading, sharding)
 
     def step(s):
         tokens, labels = token_batch(s, GLOBAL_BATCH)

@@ -20,6 +20,7 @@ from tests.distributed.helpers import (
     is_sphere,
     rel_err,
     schedule_step,
+    sharded_state,
     token_batch,
     train_step,
 )
@@ -95,7 +96,7 @@ def test_checkpoint_resume_is_bitwise(parallel, shared_tmp_path, optimizer, bf16
     """Train 2 steps, save with Megatron's torch_dist checkpointing, train 2 more; a freshly built
     model and optimizer (another parallel state, weights moved away) load it and train the same 2:
     identical losses and parameters, bitwise."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import (
         get_default_load_sharded_strategy,
         get_default_save_sharded_strategy,
@@ -108,17 +109,9 @@ def test_checkpoint_resume_is_bitwise(parallel, shared_tmp_path, optimizer, bf16
 
     def start():
         ddp, opt, scheduler = build_hyperball(optimizer, lr=LR, steps=steps, bf16=bf16)
-        metadata = {  # what megatron.training passes for a torch_dist checkpoint
-            "distrib_optim_sharding_type": "dp_reshardable",
-            "singleton_local_shards": False,
-            "chained_optim_avoid_prefix": True,
-            "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
-        }
 
         def state(is_loading):
-            sd = {"model": unwrap(ddp).sharded_state_dict(metadata=metadata)}
-            sd["optimizer"] = opt.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
-            return sd
+            return sharded_state(ddp, opt, is_loading)
 
         return ddp, opt, scheduler, state
 
