@@ -19,6 +19,7 @@ class OptimizerName:
     megatron: str   # the --optimizer value Megatron's argparse accepts (and its distributed-optimizer routing)
     sphere: bool    # hyperball family: weight matrices live on spheres
     muon: bool      # orthogonalized (whole matrices: Megatron's layer-wise optimizer)
+    md: bool = False  # magnitude-direction: learned gains around the sphere direction (seed 004)
 
 
 OPTIMIZERS = {
@@ -28,9 +29,12 @@ OPTIMIZERS = {
         OptimizerName("muon", "muon", sphere=False, muon=True),
         OptimizerName("adamh", "adam", sphere=True, muon=False),
         OptimizerName("muonh", "muon", sphere=True, muon=True),
+        OptimizerName("adammd", "adam", sphere=True, muon=False, md=True),
+        OptimizerName("muonmd", "muon", sphere=True, muon=True, md=True),
     )
 }
 OPTIMIZER_ALIASES = {"adam": "adamw", "adam_hyperball": "adamh", "muon_hyperball": "muonh"}
+MD_OPTIMIZERS = tuple(n for n, o in OPTIMIZERS.items() if o.md)
 HYPERBALL_OPTIMIZERS = tuple(n for n, o in OPTIMIZERS.items() if o.sphere)
 
 
@@ -54,6 +58,24 @@ def hyperball_name(name: str) -> str | None:
     key = name.strip().lower() if isinstance(name, str) else ""
     key = OPTIMIZER_ALIASES.get(key, key)
     return key if key in HYPERBALL_OPTIMIZERS else None
+
+
+# -- magnitude-direction gains (AdamMD / MuonMD) ----------------------------------------------------
+GAIN_MODES = ("row_col", "row", "col", "scalar", "none")
+GAIN_PARAMETRIZATIONS = ("softplus", "direct")
+DEFAULT_GAIN_LR = 1e-3  # seed 004: Adam groups at fixed lrs, 1e-3 for the gains
+
+
+def check_gain_options(gains: Any, gain_parametrization: Any, gain_lr: Any, where: str = "MagnitudeDirection") -> None:
+    """ValueError naming the option and the allowed values."""
+    if gains not in GAIN_MODES:
+        raise ValueError(f"{where}: gains={gains!r}; allowed: {', '.join(GAIN_MODES)}")
+    if gain_parametrization not in GAIN_PARAMETRIZATIONS:
+        raise ValueError(f"{where}: gain_parametrization={gain_parametrization!r}; "
+                         f"allowed: {', '.join(GAIN_PARAMETRIZATIONS)}")
+    if (isinstance(gain_lr, bool) or not isinstance(gain_lr, (int, float))
+            or not (math.isfinite(gain_lr) and gain_lr > 0)):
+        raise ValueError(f"{where}: gain_lr={gain_lr!r}; allowed: a positive finite number (e.g. 1e-3)")
 
 
 # -- sphere options ---------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ ERRORS = [
     (["optimizer.radius=big"], "optimizer.radius", "allowed: init, sqrt_max_dim, <positive number>"),
     (["optimizer.radius=-1"], "optimizer.radius", "positive"),
     (["optimizer.update_norm=unit"], "optimizer.update_norm", "allowed: exact, shape"),
-    (["optimizer.name=adamx"], "optimizer.name", "allowed: adamw, muon, adamh, muonh, adam (= adamw)"),
+    (["optimizer.name=adamx"], "optimizer.name", "allowed: adamw, muon, adamh, muonh, adammd, muonmd, adam (= adamw)"),
     (["optimizer.name=adamw", "optimizer.radius=init"], "optimizer.radius", "allowed only with adamh, muonh"),
     (["optimizer.name=adamw", "optimizer.momentum=0.9"], "optimizer.momentum", "allowed only with muon, muonh"),
     (["optimizer.lr_law={eta0: 0.01}"], "optimizer.lr", "exactly one of optimizer.lr and optimizer.lr_law"),
@@ -525,7 +525,8 @@ def test_hyperball_flags_build_the_optimizer_config(megatron_parsed):
     """The optimizer config the trainer builds from the parsed flags (mcore.args.optimizer_config_from_args)."""
     hb = megatron_parsed["adamh_options"]
     assert hb["opt_config_class"] == "HyperballOptimizerConfig" and hb["opt_config"]["optimizer"] == "adamh"
-    assert hb["hyperball_options"] == {"radius": 2.5, "update_norm": "shape", "output_layer": True}
+    assert hb["hyperball_options"] == {"radius": 2.5, "update_norm": "shape", "output_layer": True,
+                                       "gains": "row_col", "gain_parametrization": "softplus", "gain_lr": 1e-3}
     mh = megatron_parsed["muonh"]
     assert mh["opt_config"]["optimizer"] == "muonh"
     assert mh["hyperball_options"] == {"radius": "init", "update_norm": "exact", "output_layer": False}

@@ -1,6 +1,7 @@
 """The hyperball options on Megatron's ``OptimizerConfig``.
 
-``HyperballOptimizerConfig`` is an ``OptimizerConfig`` with three more fields; a plain
+``HyperballOptimizerConfig`` is an ``OptimizerConfig`` with the hyperball fields (and the
+magnitude-direction gain fields of AdamMD / MuonMD); a plain
 ``OptimizerConfig`` gets their defaults. Megatron passes the one config object everywhere, so the
 options travel with it through ``get_megatron_optimizer`` and ``megatron.training``.
 """
@@ -19,6 +20,9 @@ class HyperballOptions:
     radius: str | float = "init"
     update_norm: str = "exact"
     output_layer: bool = False  # put the output layer (LM head) on a sphere too (AdamH only)
+    gains: str = names.GAIN_MODES[0]
+    gain_parametrization: str = names.GAIN_PARAMETRIZATIONS[0]
+    gain_lr: float = names.DEFAULT_GAIN_LR
 
 
 @dataclass
@@ -32,6 +36,15 @@ class HyperballOptimizerConfig(OptimizerConfig):
     hyperball_output_layer: bool = False
     """Put the output layer on a sphere (AdamH; HyperP and Marin do)."""
 
+    md_gains: str = names.GAIN_MODES[0]
+    """AdamMD / MuonMD: which gains W = diag(g_row) V diag(g_col) learns: row_col, row, col, scalar, none."""
+
+    md_gain_parametrization: str = names.GAIN_PARAMETRIZATIONS[0]
+    """'softplus' (g = softplus(raw), raw initialised so g = 1) or 'direct' (g = raw)."""
+
+    md_gain_lr: float = names.DEFAULT_GAIN_LR
+    """Peak lr of the gains' Adam; follows the run's schedule shape (seed 004: 1e-3)."""
+
 
 def hyperball_options(config) -> HyperballOptions:
     """The validated hyperball options of any ``OptimizerConfig``."""
@@ -40,4 +53,9 @@ def hyperball_options(config) -> HyperballOptions:
         update_norm = names.check_update_norm(getattr(config, "hyperball_update_norm", "exact"))
     except ValueError as e:
         raise ValueError(f"OptimizerConfig.hyperball_{e}") from None
-    return HyperballOptions(radius, update_norm, bool(getattr(config, "hyperball_output_layer", False)))
+    gains = getattr(config, "md_gains", names.GAIN_MODES[0])
+    parametrization = getattr(config, "md_gain_parametrization", names.GAIN_PARAMETRIZATIONS[0])
+    gain_lr = getattr(config, "md_gain_lr", names.DEFAULT_GAIN_LR)
+    names.check_gain_options(gains, parametrization, gain_lr, where="OptimizerConfig.md_*")
+    return HyperballOptions(radius, update_norm, bool(getattr(config, "hyperball_output_layer", False)),
+                            gains, parametrization, float(gain_lr))

@@ -21,7 +21,7 @@ from megatron_hyperball.optim.muon_h import MuonH
 from megatron_hyperball.optim.muon_md import MuonMD
 from megatron_hyperball.optim.sphere import RADIUS_MODES, UPDATE_NORM_MODES, SphereIndex
 
-OPTIMIZERS = {"adamh": AdamH, "muonh": MuonH}  # aliases: names.OPTIMIZER_ALIASES
+OPTIMIZERS = {"adamh": AdamH, "muonh": MuonH, "adammd": AdamMD, "muonmd": MuonMD}  # aliases: names.OPTIMIZER_ALIASES
 
 
 def canonical_name(name: str) -> str:

@@ -33,29 +33,15 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from megatron_hyperball.names import DEFAULT_GAIN_LR, GAIN_MODES, GAIN_PARAMETRIZATIONS, check_gain_options  # noqa: F401
 from megatron_hyperball.optim.hooks import SphereBatch, SphereHook
 
 if TYPE_CHECKING:
     from megatron_hyperball.optim.sphere import SphereIndex
 
-GAIN_MODES = ("row_col", "row", "col", "scalar", "none")
-GAIN_PARAMETRIZATIONS = ("softplus", "direct")
-DEFAULT_GAIN_LR = 1e-3
 SOFTPLUS_ONE = math.log(math.expm1(1.0))  # softplus(raw) = 1; exactly 1.0 in float32 as well
 
 Layout = Callable[["SphereIndex", torch.Tensor, int], Optional[tuple[torch.Tensor, torch.Tensor]]]
-
-
-def check_gain_options(gains, gain_parametrization, gain_lr, where: str = "MagnitudeDirection") -> None:
-    """ValueError naming the option and the allowed values."""
-    if gains not in GAIN_MODES:
-        raise ValueError(f"{where}: gains={gains!r}; allowed: {', '.join(GAIN_MODES)}")
-    if gain_parametrization not in GAIN_PARAMETRIZATIONS:
-        raise ValueError(f"{where}: gain_parametrization={gain_parametrization!r}; "
-                         f"allowed: {', '.join(GAIN_PARAMETRIZATIONS)}")
-    if (isinstance(gain_lr, bool) or not isinstance(gain_lr, (int, float))
-            or not (math.isfinite(gain_lr) and gain_lr > 0)):
-        raise ValueError(f"{where}: gain_lr={gain_lr!r}; allowed: a positive finite number (e.g. 1e-3)")
 
 
 class MagnitudeDirectionHook(SphereHook):
