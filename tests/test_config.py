@@ -529,7 +529,8 @@ def test_hyperball_flags_build_the_optimizer_config(megatron_parsed):
                                        "gains": "row_col", "gain_parametrization": "softplus", "gain_lr": 1e-3}
     mh = megatron_parsed["muonh"]
     assert mh["opt_config"]["optimizer"] == "muonh"
-    assert mh["hyperball_options"] == {"radius": "init", "update_norm": "exact", "output_layer": False}
+    assert mh["hyperball_options"] == {"radius": "init", "update_norm": "exact", "output_layer": False,
+                                       "gains": "row_col", "gain_parametrization": "softplus", "gain_lr": 1e-3}
     assert mh["opt_config"]["muon_momentum"] == 0.9
     assert megatron_parsed["adamw_moe_own_data"]["opt_config"]["optimizer"] == "adam"
 
