@@ -153,6 +153,28 @@ ERRORS = [
     (["data.data_path=[0.3, /a, /b, 0.7]"], "data.data_path", "mixes weights and prefixes"),
     (["data.data_path=[-1, /a]"], "data.data_path", "allowed: positive finite numbers"),
     (["data.data_path=[true]"], "data.data_path", "is not a prefix or a list of prefixes"),
+    # magnitude-direction gains (AdamMD / MuonMD)
+    (["optimizer.name=adammd", "optimizer.gains=rows"], "optimizer.gains",
+     "gains='rows' is not a gain mode; allowed: row_col, row, col, scalar, none"),
+    (["optimizer.name=muonmd", "optimizer.gain_parametrization=exp"], "optimizer.gain_parametrization",
+     "allowed: softplus, direct"),
+    (["optimizer.name=adammd", "optimizer.gain_lr=0"], "optimizer.gain_lr", "allowed: a finite number > 0"),
+    (["optimizer.name=adammd", "optimizer.gain_lr=-1e-3"], "optimizer.gain_lr", "greater than 0"),
+    (["optimizer.name=muonmd", "optimizer.gain_lr=fast"], "optimizer.gain_lr", "valid number (got 'fast')"),
+    (["optimizer.name=muonmd", "optimizer.gain_lr=true"], "optimizer.gain_lr", "valid number (got True)"),
+    (["optimizer.gains=row_col"], "optimizer.gains", "set for optimizer 'adamh', which has no gains; "
+                                                     "allowed only with adammd, muonmd"),
+    (["optimizer.name=muonh", "optimizer.gain_lr=0.001"], "optimizer.gain_lr", "allowed only with adammd, muonmd"),
+    (["optimizer.name=adamw", "optimizer.allow_missing_gains=true"], "optimizer.allow_missing_gains",
+     "allowed only with adammd, muonmd"),
+    (["optimizer.name=muonmd", "optimizer.output_layer_on_sphere=true"], "optimizer.output_layer_on_sphere",
+     "no sphere, so no gains"),
+    (["optimizer.name=muonmd", "model.moe={num_experts: 4, router_sphere: row}"], "optimizer.gains",
+     "'row_col' (row gains) with model.moe.router_sphere 'row'"),
+    (["optimizer.name=adammd", "optimizer.gains=row", "model.moe={num_experts: 4, router_sphere: row}"],
+     "optimizer.gains", "allowed: col, scalar, none"),
+    (["optimizer.name=adammd", "checkpoint.format=torch"], "checkpoint.format",
+     "'torch' cannot hold the gains of optimizer 'adammd'; allowed: torch_dist"),
 ]
 
 
@@ -399,6 +421,54 @@ def test_hyperball_flags():
         assert f["--hyperball-embedding-lr"] == "0.004"  # the per-group lrs for every optimizer
 
 
+def test_md_gain_keys_and_flags():
+    cfg = cfg_of("optimizer.name=muonmd")
+    o = cfg.optimizer
+    assert (o.resolved_gains(), o.resolved_gain_parametrization(), o.resolved_gain_lr()) == ("row_col", "softplus", 1e-3)
+    f = flags(to_megatron_args(cfg))
+    assert (f["--optimizer"], f["--md-gains"], f["--md-gain-parametrization"], float(f["--md-gain-lr"])) == \
+        ("muonmd", "row_col", "softplus", 1e-3)
+    assert "--md-allow-missing-gains" not in f
+    f = flags(to_megatron_args(cfg_of("optimizer.name=adammd", "optimizer.gains=scalar", "optimizer.gain_lr=3e-3",
+                                      "optimizer.gain_parametrization=direct", "optimizer.allow_missing_gains=true",
+                                      "optimizer.radius=sqrt_max_dim", "optimizer.update_norm=shape")))
+    assert (f["--optimizer"], f["--md-gains"], f["--md-gain-parametrization"], float(f["--md-gain-lr"])) == \
+        ("adammd", "scalar", "direct", 3e-3)
+    assert f["--md-allow-missing-gains"] is True
+    assert (f["--hyperball-radius"], f["--hyperball-update-norm"]) == ("sqrt_max_dim", "shape")
+    # no gain flags without gains; gains 'none' needs no torch_dist (no gain state to hold)
+    assert not any(k.startswith("--md-") for k in flags(to_megatron_args(cfg_of("optimizer.name=muonh"))))
+    assert cfg_of("optimizer.name=adammd", "optimizer.gains=none", "checkpoint.format=torch").checkpoint.format == "torch"
+    # a row-normalized router takes column / scalar gains
+    assert cfg_of("optimizer.name=muonmd", "optimizer.gains=col",
+                  "model.moe={num_experts: 4, router_sphere: row}").optimizer.gains == "col"
+
+
+def test_md_flags_on_megatrons_parser():
+    """--md-* on a parser as add_plugin_args leaves it; the optimizer config gets them, defaults filled,
+    and a gain flag with an optimizer without gains is refused naming the flag."""
+    import argparse
+
+    from megatron_hyperball.mcore.args import add_plugin_args, md_options_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--optimizer", choices=["adam", "sgd", "muon"], default="adam")
+    add_plugin_args(parser)
+    args = parser.parse_args(["--optimizer", "muonmd", "--md-gains", "col", "--md-gain-lr", "0.002"])
+    assert md_options_from_args(args) == {"md_gains": "col", "md_gain_parametrization": "softplus",
+                                          "md_gain_lr": 0.002, "md_allow_missing_gains": False}
+    args = parser.parse_args(["--optimizer", "adammd", "--md-allow-missing-gains"])
+    assert md_options_from_args(args)["md_allow_missing_gains"] is True
+    with pytest.raises(ValueError, match="--md-gain-lr given with --optimizer adamh, which has no gains; "
+                                         "allowed only with adammd, muonmd"):
+        md_options_from_args(parser.parse_args(["--optimizer", "adamh", "--md-gain-lr", "0.002"]))
+    assert md_options_from_args(parser.parse_args(["--optimizer", "adamh"]))["md_gains"] == "row_col"
+    for bad in (["--md-gains", "rows"], ["--md-gain-lr", "0"], ["--md-gain-lr", "x"],
+                ["--md-gain-parametrization", "exp"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--optimizer", "adammd", *bad])
+
+
 # -- the launch ---------------------------------------------------------------------------------------
 def test_launch_problems():
     assert launch_problems(cfg_of(), 4, cpu=True) == []
@@ -456,6 +526,10 @@ MEGATRON_CASES = {
                                          "checkpoint.save=/tmp/x", "checkpoint.save_interval=5",
                                          "logging.wandb.mode=disabled"],
                            "world_size": 2, "opt_config": True},
+    "muonmd": {"overrides": ["optimizer.name=muonmd", "optimizer.gains=row", "optimizer.gain_lr=0.002",
+                             "optimizer.radius=sqrt_max_dim", "optimizer.update_norm=shape",
+                             "optimizer.allow_missing_gains=true"], "world_size": 2, "opt_config": True},
+    "adammd": {"overrides": ["optimizer.name=adammd"], "world_size": 2, "opt_config": True},
     "wsd": {"overrides": ["schedule.decay_style=WSD", "schedule.wsd_decay_iters=3"], "world_size": 1},
     # TP > 1: Megatron's validate_args asks the GPU for its architecture, so parse only here
     "tp2_parse_only": {"overrides": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],
@@ -533,6 +607,23 @@ def test_hyperball_flags_build_the_optimizer_config(megatron_parsed):
                                        "gains": "row_col", "gain_parametrization": "softplus", "gain_lr": 1e-3}
     assert mh["opt_config"]["muon_momentum"] == 0.9
     assert megatron_parsed["adamw_moe_own_data"]["opt_config"]["optimizer"] == "adam"
+
+
+def test_md_flags_through_megatron(megatron_parsed):
+    """adammd / muonmd: validate_args keeps AdamMD on ZeRO-1 and puts MuonMD on the layer-wise optimizer;
+    the --md-* flags reach the optimizer config."""
+    m = megatron_parsed["muonmd"]
+    a = m["args"]
+    assert a["optimizer"] == "muonmd" and a["use_layer_wise_distributed_optimizer"] is True
+    assert (a["md_gains"], a["md_gain_parametrization"], a["md_gain_lr"], a["md_allow_missing_gains"]) == \
+        ("row", "softplus", 0.002, True)
+    assert m["opt_config"]["optimizer"] == "muonmd"
+    assert m["hyperball_options"] == {"radius": "sqrt_max_dim", "update_norm": "shape", "output_layer": False,
+                                      "gains": "row", "gain_parametrization": "softplus", "gain_lr": 0.002}
+    d = megatron_parsed["adammd"]
+    assert d["args"]["optimizer"] == "adammd" and d["args"]["use_distributed_optimizer"] is True
+    assert d["args"]["use_layer_wise_distributed_optimizer"] is False
+    assert (d["opt_config"]["md_gains"], d["opt_config"]["md_gain_lr"]) == ("row_col", 1e-3)
 
 
 def test_trainer_optimizer_config_and_param_groups(megatron_parsed):

@@ -20,6 +20,7 @@ import threading
 import pytest
 import torch
 
+from megatron_hyperball.mcore.coords import local_blocks
 from megatron_hyperball.optim import AdamH, AdamMD, MagnitudeDirectionHook, MuonMD, SphereHook
 from megatron_hyperball.optim.newton_schulz import orthogonalize
 from megatron_hyperball.optim.sphere import SphereIndex
@@ -113,10 +114,9 @@ class MDReference:
 
 
 def _stored_gains(opt, p):
-    """Gain values from the optimizer's stored raw gains (the hook's own map)."""
-    hook, state = opt.md_hook, opt.state[p]
-    return {side: hook.gain(state[f"gain_{side}_raw"]) for side in ("row", "col", "scalar")
-            if f"gain_{side}_raw" in state}
+    """Gain values from the optimizer's stored raw gains (the hook's own map, by sphere key)."""
+    index = opt.sphere_index()
+    return opt.md_hook.gain_values(index).get(index.key(index.sphere_of(p)), {})
 
 
 def _run(cls, gains, update_norm, parametrization, shapes=SHAPES, seed=0):
@@ -240,18 +240,22 @@ def test_gain_lr_follows_the_schedule():
 
 
 def test_state_keys_for_checkpointing():
+    """The gains travel in the hook state of the param groups, per sphere key: float32 vectors of
+    length m and n for raw, exp_avg, exp_avg_sq, and the sphere's gain step count."""
     w = torch.nn.Parameter(torch.randn(6, 4))
     opt = MuonMD([w], gains="row_col", fp32_matmul_prec="highest")
     w.grad = torch.randn(6, 4)
     opt.step()
-    st = opt.state[w]
+    hooks = opt.state_dict()["param_groups"][0]["sphere_hooks"]
+    st = hooks[0]["md_gains"]["0"]
     for side, n in (("row", 6), ("col", 4)):
         for suffix in ("raw", "exp_avg", "exp_avg_sq"):
-            assert st[f"gain_{side}_{suffix}"].shape == (n,)
-            assert st[f"gain_{side}_{suffix}"].dtype == torch.float32
-    assert st["gain_step"].item() == 1
-    assert "gain_scalar_raw" not in st
-
+            assert st[f"{side}_{suffix}"].shape == (n,)
+            assert st[f"{side}_{suffix}"].dtype == torch.float32
+    assert st["step"] == 1
+    assert "scalar_raw" not in st
+    assert "init_radius" in hooks[1]  # the sphere step's own state beside it
+    assert not any(k.startswith("gain") for k in opt.state[w])  # no per-element gain state
 
 
 @pytest.mark.parametrize("cls", [AdamMD, MuonMD])
@@ -277,7 +281,8 @@ def test_state_dict_round_trip_continues_bitwise(cls):
         b.grad = g.clone()
         opt2.step()
     assert torch.equal(a.detach(), b.detach())
-    assert torch.equal(opt.state[a]["gain_row_raw"], opt2.state[b]["gain_row_raw"])
+    for side, g in _stored_gains(opt, a).items():
+        assert torch.equal(g, _stored_gains(opt2, b)[side]), side
 
 # -- shards: two simulated ranks (threads), each a flat ZeRO-1-style slice of the same matrix -----
 
@@ -300,8 +305,9 @@ class ThreadSumIndex(SphereIndex):
 
 @pytest.mark.parametrize("gains", ["row_col", "row", "col", "scalar"])
 def test_adammd_on_flat_shards_matches_whole_matrix(gains):
-    """Two ranks hold [0, 37) and [37, m n) of the flattened matrix (a cut inside a row); with
-    the layout callback and summed columns they reproduce the single-process AdamMD."""
+    """Two ranks hold [0, 37) and [37, m n) of the flattened matrix (a cut inside a row: rank 0 a
+    partial last row, rank 1 a partial first row); with the layout (mcore.coords blocks) and summed
+    columns they reproduce the single-process AdamMD."""
     torch.manual_seed(0)
     m, n = 9, 7
     w0 = torch.randn(m, n)
@@ -319,8 +325,7 @@ def test_adammd_on_flat_shards_matches_whole_matrix(gains):
 
     def layout_for(start):
         def layout(index, p, k):
-            flat = start + torch.arange(p.numel())
-            return flat // n, flat % n
+            return local_blocks((m, n), flat_range=(start, start + p.numel()))
         return layout
 
     opts = [AdamMD([s], lr=LR, gains=gains, gain_lr=GAIN_LR, update_norm="exact", prepare_spheres=False,

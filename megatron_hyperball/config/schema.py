@@ -48,6 +48,7 @@ __all__ = [
 
 _SPHERE = ", ".join(names.HYPERBALL_OPTIMIZERS)
 _MUON = ", ".join(n for n, o in names.OPTIMIZERS.items() if o.muon)
+_MD = ", ".join(names.MD_OPTIMIZERS)
 
 
 class ConfigError(ValueError):
@@ -386,6 +387,16 @@ class OptimizerSection(_Section):
     """muon / muonh Nesterov momentum (default true)."""
     ns_steps: Optional[int] = Field(None, ge=1)
     """muon / muonh Newton-Schulz steps (default 5)."""
+    gains: Optional[str] = None
+    """adammd / muonmd: the gains of W = diag(g_row) V diag(g_col): row_col (default), row, col,
+    scalar, none (seed 004)."""
+    gain_parametrization: Optional[str] = None
+    """adammd / muonmd: softplus (default; g = softplus(raw), raw initialised so g = 1) or direct (g = raw)."""
+    gain_lr: Optional[Num] = Field(None, gt=0)
+    """adammd / muonmd: peak lr of the gains' Adam (default 1e-3, seed 004); decays like the main lr."""
+    allow_missing_gains: bool = False
+    """adammd / muonmd: resuming from a checkpoint without gains (e.g. AdamH's) starts them at 1,
+    with a message; without it such a checkpoint is refused."""
 
     @field_validator("name", mode="before")
     @classmethod
@@ -401,6 +412,21 @@ class OptimizerSection(_Section):
     @classmethod
     def _update_norm(cls, v):
         return v if v is None else names.check_update_norm(v)
+
+    @field_validator("gains", mode="before")
+    @classmethod
+    def _gains(cls, v):
+        if v is not None and v not in names.GAIN_MODES:
+            raise ValueError(f"gains={v!r} is not a gain mode; allowed: {', '.join(names.GAIN_MODES)}")
+        return v
+
+    @field_validator("gain_parametrization", mode="before")
+    @classmethod
+    def _gain_parametrization(cls, v):
+        if v is not None and v not in names.GAIN_PARAMETRIZATIONS:
+            raise ValueError(f"gain_parametrization={v!r} is not a gain parametrization; allowed: "
+                             f"{', '.join(names.GAIN_PARAMETRIZATIONS)}")
+        return v
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -423,6 +449,20 @@ class OptimizerSection(_Section):
     def muon_family(self) -> bool:
         return names.OPTIMIZERS[self.name].muon
 
+    @property
+    def md(self) -> bool:
+        """A magnitude-direction optimizer (adammd / muonmd): learned gains around the sphere."""
+        return names.OPTIMIZERS[self.name].md
+
+    def resolved_gains(self) -> str:
+        return names.GAIN_MODES[0] if self.gains is None else self.gains
+
+    def resolved_gain_parametrization(self) -> str:
+        return names.GAIN_PARAMETRIZATIONS[0] if self.gain_parametrization is None else self.gain_parametrization
+
+    def resolved_gain_lr(self) -> float:
+        return names.DEFAULT_GAIN_LR if self.gain_lr is None else float(self.gain_lr)
+
     def problems(self):
         p = []
         if (self.lr is None) == (self.lr_law is None):
@@ -443,7 +483,16 @@ class OptimizerSection(_Section):
                                    f"only with {_SPHERE}"))
         if self.output_layer_on_sphere and self.name != "adamh":
             p.append(("output_layer_on_sphere", f"true with optimizer '{self.name}'; allowed only with "
-                                                f"adamh (muonh gives the output layer Adam)"))
+                                                f"adamh (muonh / muonmd give the output layer Adam: no sphere, "
+                                                f"so no gains)"))
+        if not self.md:
+            for key in ("gains", "gain_parametrization", "gain_lr"):
+                if getattr(self, key) is not None:
+                    p.append((key, f"set for optimizer '{self.name}', which has no gains; allowed only with "
+                                   f"{_MD}"))
+            if self.allow_missing_gains:
+                p.append(("allow_missing_gains", f"true for optimizer '{self.name}', which has no gains; allowed "
+                                                 f"only with {_MD}"))
         if not self.muon_family:
             for key in ("momentum", "nesterov", "ns_steps"):
                 if getattr(self, key) is not None:
@@ -667,6 +716,11 @@ def cross_section_problems(cfg: HyperballConfig) -> list[tuple[str, str]]:
             p.append(("optimizer.output_layer_on_sphere", "true with model.tie_embeddings true (the output "
                                                           "layer is the embedding, which is never on a sphere); "
                                                           "allowed: false"))
+        if opt.md and m.moe is not None and m.moe.router_sphere == "row" and opt.resolved_gains() in ("row", "row_col"):
+            # each expert's routing row has unit norm: a row gain would set the norm the sphere fixes
+            p.append(("optimizer.gains", f"'{opt.resolved_gains()}' (row gains) with model.moe.router_sphere 'row' "
+                                         f"(the router's rows are normalized, a row gain would undo it); allowed: "
+                                         f"col, scalar, none (or router_sphere frobenius)"))
         lr_set = (opt.lr is None) != (opt.lr_law is None)  # else the optimizer section says so
         if cfg.schedule is not None and lr_set:
             try:
@@ -679,6 +733,11 @@ def cross_section_problems(cfg: HyperballConfig) -> list[tuple[str, str]]:
                                               f"a positive finite lr"))
             elif lr is not None and opt.min_lr is not None and opt.min_lr > lr:
                 p.append(("optimizer.min_lr", f"{opt.min_lr} > resolved lr {lr:.6g}; allowed: <= the lr"))
+    ck = cfg.checkpoint
+    if opt is not None and ck is not None and opt.md and opt.resolved_gains() != "none" and ck.format != "torch_dist":
+        # the gains live in optimizer state that only the sharded (torch_dist) entries carry
+        p.append(("checkpoint.format", f"'{ck.format}' cannot hold the gains of optimizer '{opt.name}'; allowed: "
+                                       f"torch_dist (or optimizer.gains none)"))
     if par is not None and cfg.seed is not None and cfg.seed + 100 * (par.pp - 1) > SEED_MAX:
         p.append(("seed", f"{cfg.seed} + 100 * (parallelism.pp - 1) exceeds numpy's seed range 2**32 - 1 "
                           f"(Megatron seeds each pipeline stage with seed + 100 * stage); allowed: "

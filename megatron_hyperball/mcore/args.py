@@ -1,8 +1,8 @@
 """The plugin's command-line flags, on Megatron's own parser, and the optimizer config built from them.
 
 ``add_plugin_args`` is an ``extra_args_provider`` (Megatron's extension point of
-``parse_and_validate_args``): it adds the ``--hyperball-*`` flags and lets ``--optimizer`` take
-the hyperball names. ``optimizer_config_from_args`` is what ``megatron.training`` needs instead of
+``parse_and_validate_args``): it adds the ``--hyperball-*`` and ``--md-*`` flags and lets
+``--optimizer`` take the hyperball and magnitude-direction names. ``optimizer_config_from_args`` is what ``megatron.training`` needs instead of
 its ``get_megatron_optimizer_config(args)``: the ``HyperballOptimizerConfig`` with every
 ``OptimizerConfig`` field read from ``args`` plus the hyperball options, and the config overrides
 with the per-group learning rates.
@@ -25,7 +25,7 @@ from megatron_hyperball import names
 from megatron_hyperball.mcore.roles import role_of
 
 __all__ = ["add_plugin_args", "add_block_output_scale_arg", "add_launcher_args", "has_flag",
-           "optimizer_config_from_args", "param_group_overrides", "PER_GROUP_LR_KEYS", "BLOCK_OUTPUT_SCALE_FLAG"]
+           "optimizer_config_from_args", "md_options_from_args", "MD_FLAGS", "param_group_overrides", "PER_GROUP_LR_KEYS", "BLOCK_OUTPUT_SCALE_FLAG"]
 
 PER_GROUP_LR_KEYS = ("embedding_lr", "output_lr", "scalar_lr")
 
@@ -84,7 +84,40 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                            help=f"peak lr of the {key.split('_')[0]} parameters (decays like the main lr)")
     group.add_argument("--hyperball-metrics-interval", type=_non_negative_int, default=0,
                        help="log per-matrix-type weight norms / relative updates every N steps (0: off)")
+    # AdamMD / MuonMD (seed 004); None = not given: the default, and refused with another optimizer
+    group.add_argument("--md-gains", choices=names.GAIN_MODES, default=None,
+                       help=f"adammd / muonmd: gains of W = diag(g_row) V diag(g_col) (default "
+                            f"{names.GAIN_MODES[0]}); allowed: {', '.join(names.GAIN_MODES)}")
+    group.add_argument("--md-gain-parametrization", choices=names.GAIN_PARAMETRIZATIONS, default=None,
+                       help=f"adammd / muonmd: g = softplus(raw) or g = raw (default "
+                            f"{names.GAIN_PARAMETRIZATIONS[0]}); allowed: {', '.join(names.GAIN_PARAMETRIZATIONS)}")
+    group.add_argument("--md-gain-lr", type=_positive_float, default=None,
+                       help=f"adammd / muonmd: peak lr of the gains' Adam, decays like --lr (default "
+                            f"{names.DEFAULT_GAIN_LR:g}); allowed: a positive number")
+    group.add_argument("--md-allow-missing-gains", action="store_true", default=None,
+                       help="adammd / muonmd: resume from a checkpoint without gains (they start at 1)")
     return parser
+
+
+MD_FLAGS = {"md_gains": names.GAIN_MODES[0], "md_gain_parametrization": names.GAIN_PARAMETRIZATIONS[0],
+            "md_gain_lr": names.DEFAULT_GAIN_LR, "md_allow_missing_gains": False}
+"""The ``--md-*`` flags' args attributes and their defaults."""
+
+
+def md_options_from_args(args: Any) -> dict:
+    """The ``--md-*`` values for the optimizer config, defaults filled; ValueError naming the flag
+    when one is given with an optimizer that has no gains."""
+    optimizer = str(getattr(args, "optimizer", "") or "").removeprefix("dist_")
+    key = names.OPTIMIZER_ALIASES.get(optimizer, optimizer)
+    md = key in names.MD_OPTIMIZERS
+    out = {}
+    for attr, default in MD_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None and not md:
+            raise ValueError(f"--{attr.replace('_', '-')} given with --optimizer {optimizer}, which has no gains; "
+                             f"allowed only with {', '.join(names.MD_OPTIMIZERS)}")
+        out[attr] = default if value is None else value
+    return out
 
 
 BLOCK_OUTPUT_SCALE_FLAG = "--block-output-scale"
@@ -175,8 +208,9 @@ def optimizer_config_from_args(args: Any):
 
     from megatron_hyperball.mcore.options import HyperballOptimizerConfig
 
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(HyperballOptimizerConfig)
-              if hasattr(args, f.name)}
+    md = md_options_from_args(args)
+    kwargs = {f.name: md[f.name] if f.name in md else getattr(args, f.name)
+              for f in dataclasses.fields(HyperballOptimizerConfig) if f.name in md or hasattr(args, f.name)}
     config = HyperballOptimizerConfig(**kwargs)
     overrides = dict(get_standard_config_overrides(config=config))
     overrides.update(param_group_overrides(args))

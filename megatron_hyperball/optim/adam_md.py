@@ -7,7 +7,8 @@
     raw gains: Adam with this optimizer's betas / eps, lr gain_lr, no weight decay
     W = diag(g_row') V_next diag(g_col')
 
-Groups with ``sphere=False`` (embeddings, norms, biases) take plain AdamW and no gains.
+Groups with ``sphere=False`` (embeddings, norms, biases) take plain AdamW and no gains (a group
+asking for ``gains`` there is refused).
 """
 
 from __future__ import annotations
@@ -37,14 +38,20 @@ class AdamMD(AdamH):
         gain_lr: float = DEFAULT_GAIN_LR,
         *,
         gain_layout: Layout | None = None,
+        allow_missing_gains: bool = False,
         sphere_index: SphereIndex | None = None,
         sphere_hooks: Sequence[SphereHook] = (),
         prepare_spheres: bool = True,
     ) -> None:
-        # gains take the group's betas / eps (betas=None, eps=None), as the seed's "Adam" for gains
-        self.md_hook = MagnitudeDirectionHook(gains, gain_parametrization, gain_lr, layout=gain_layout)
+        # the gains' Adam takes this optimizer's betas / eps (the seed's "Adam" for gains)
+        self.md_hook = MagnitudeDirectionHook(gains, gain_parametrization, gain_lr, betas=tuple(betas), eps=eps,
+                                              layout=gain_layout, allow_missing_gains=allow_missing_gains)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, radius=radius, update_norm=update_norm,
             weight_decay=weight_decay, sphere_index=sphere_index,
             sphere_hooks=[self.md_hook, *sphere_hooks], prepare_spheres=prepare_spheres,
         )
+
+    def _check_group(self, i: int, group: dict) -> None:
+        super()._check_group(i, group)
+        self.md_hook.check_group(i, group, self.name)

@@ -117,10 +117,12 @@ class HyperballOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.pop("sphere_hooks", None)
-        if hooks is not None:
-            index = self.sphere_index()
-            for hook, state in zip(self.sphere_hooks, hooks):
-                hook.load_state_dict(index, state)
+        # paired from the innermost (SphereRetraction) out: a checkpoint of an optimizer with fewer
+        # hooks (AdamH's into AdamMD) gives the outer ones an empty state, which they judge
+        hooks = list(hooks or [])
+        index = self.sphere_index()
+        for i, hook in enumerate(reversed(self.sphere_hooks)):
+            hook.load_state_dict(index, hooks[len(hooks) - 1 - i] if i < len(hooks) else {})
 
     def prepare_spheres(self) -> None:
         """Every hook's ``prepare`` on the whole matrices this process holds."""

@@ -43,15 +43,21 @@ class MuonMD(MuonH):
         gain_eps: float = 1e-8,
         *,
         gain_layout: Layout | None = None,
+        allow_missing_gains: bool = False,
         sphere_index: SphereIndex | None = None,
         sphere_hooks: Sequence[SphereHook] = (),
         prepare_spheres: bool = True,
     ) -> None:
         self.md_hook = MagnitudeDirectionHook(
-            gains, gain_parametrization, gain_lr, betas=tuple(gain_betas), eps=gain_eps, layout=gain_layout)
+            gains, gain_parametrization, gain_lr, betas=tuple(gain_betas), eps=gain_eps, layout=gain_layout,
+            allow_missing_gains=allow_missing_gains)
         super().__init__(
             params, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, radius=radius,
             update_norm=update_norm, weight_decay=weight_decay, coefficient_type=coefficient_type,
             fp32_matmul_prec=fp32_matmul_prec, sphere_index=sphere_index,
             sphere_hooks=[self.md_hook, *sphere_hooks], prepare_spheres=prepare_spheres,
         )
+
+    def _check_group(self, i: int, group: dict) -> None:
+        super()._check_group(i, group)
+        self.md_hook.check_group(i, group, self.name)

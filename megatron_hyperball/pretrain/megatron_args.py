@@ -2,8 +2,8 @@
 
 - :func:`to_megatron_args`: Megatron's own flags for every key, plus the plugin's ``--hyperball-*``
   flags (``mcore.args.add_plugin_args`` adds them to Megatron's parser): ``--optimizer adamh`` /
-  ``muonh`` directly, the sphere options for those, the per-group peak lrs when set, the
-  per-matrix metrics interval.
+  ``muonh`` / ``adammd`` / ``muonmd`` directly, the sphere options for those, the ``--md-*`` gain
+  options for the last two, the per-group peak lrs when set, the per-matrix metrics interval.
 - :func:`megatron_argv`: that plus what the launch needs: ``--load`` = ``--save`` (the same
   command again resumes), the local layer spec's flags, gloo and no fused GPU kernels on CPU, and
   extra Megatron flags from the command line (a later flag wins). The lr schedule is always the
@@ -155,6 +155,11 @@ def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = 
         flag("--hyperball-radius", "init" if opt.radius is None else opt.radius)
         flag("--hyperball-update-norm", "exact" if opt.update_norm is None else opt.update_norm)
         flag("--hyperball-output-layer", opt.output_layer_on_sphere)
+    if spec.md:
+        flag("--md-gains", opt.resolved_gains())
+        flag("--md-gain-parametrization", opt.resolved_gain_parametrization())
+        flag("--md-gain-lr", opt.resolved_gain_lr())
+        flag("--md-allow-missing-gains", opt.allow_missing_gains)
     flag("--hyperball-embedding-lr", opt.embedding_lr)  # absolute peak lrs; each decays to min_lr / lr of it
     flag("--hyperball-output-lr", opt.output_lr)
     flag("--hyperball-scalar-lr", opt.scalar_lr)

@@ -41,10 +41,12 @@ ARG_FIELDS = [
     "wandb_project", "wandb_exp_name", "wandb_save_dir", "data_parallel_size",
     "hyperball_radius", "hyperball_update_norm", "hyperball_output_layer", "hyperball_embedding_lr",
     "hyperball_output_lr", "hyperball_scalar_lr", "hyperball_metrics_interval",
+    "md_gains", "md_gain_parametrization", "md_gain_lr", "md_allow_missing_gains",
 ]
 OPT_FIELDS = ["optimizer", "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "hyperball_radius",
               "hyperball_update_norm", "hyperball_output_layer", "use_distributed_optimizer",
-              "use_layer_wise_distributed_optimizer", "muon_momentum"]
+              "use_layer_wise_distributed_optimizer", "muon_momentum", "md_gains", "md_gain_parametrization",
+              "md_gain_lr", "md_allow_missing_gains"]
 
 
 def _json(v):
