@@ -121,6 +121,51 @@ register(Patch(
 ))
 
 
+_indicators: dict = {}  # id(model list) -> mcore.indicators.Indicators (or None: interval 0)
+
+
+def _install_train_step_indicators() -> None:
+    from megatron.training import get_args
+    from megatron.training import training as trainer
+
+    original = trainer.train_step
+
+    @functools.wraps(original)
+    def train_step(forward_step_func, data_iterator, model, optimizer, *args, **kwargs):
+        margs = get_args()
+        key = id(model)
+        if key not in _indicators:
+            from megatron_hyperball.mcore import indicators
+
+            _indicators[key] = indicators.install(model, getattr(margs, "hyperball_metrics_interval", 0) or 0,
+                                                  optimizer, clip_grad=getattr(margs, "clip_grad", 0.0))
+        metrics = _indicators[key]
+        iteration = kwargs.get("iteration", args[3] if len(args) > 3 else None)
+        iteration = (margs.curr_iteration if iteration is None else iteration) + 1  # as training_log logs it
+        if metrics is None or not metrics.due(iteration):
+            return original(forward_step_func, data_iterator, model, optimizer, *args, **kwargs)
+        with metrics.step(iteration) as info:
+            result = original(forward_step_func, data_iterator, model, optimizer, *args, **kwargs)
+            info["grad_norm"] = result[5]
+        return result
+
+    replace(trainer, "train_step", train_step)
+
+
+register(Patch(
+    name="train_step_indicators",
+    target="megatron.training.training.train_step",
+    versions=VERSIONS,
+    group="training",
+    why="HyperP's instability indicators (mcore.indicators) need forward hooks during the forward passes of a "
+        "logging step only, and the step's grad norm. megatron.training has no per-step hook; train() calls the "
+        "train_step of megatron.training.training. On a step that is not a multiple of "
+        "--hyperball-metrics-interval the wrapper does one integer comparison (no hook, no sync, no collective); "
+        "on a logging step it registers the hooks, runs the step, removes them and does one all-reduce.",
+    install=_install_train_step_indicators,
+))
+
+
 AFTER_CHECKPOINT_SAVE: list = []
 """Callables ``fn(iteration)`` run on every rank after each persistent checkpoint save of the
 training loop has returned (the entry writes the resolved config beside the checkpoint there)."""
