@@ -7,6 +7,17 @@
 - ``muonh`` runs through Megatron's emerging-optimizer registry (layer-wise distributed
   optimizer or the non-sharded wrappers) as ``TensorParallelMuonH``; after construction the
   adapter installs its sphere index (norms summed over TP).
+- ``adammd`` / ``muonmd`` are the same two paths with ``optim.AdamMD`` / ``TensorParallelMuonMD``:
+  the gain hook also gets a layout (``mcore.coords``: where each local ZeRO-1 slice / TP shard sits
+  in the full matrix), so its gain-gradient partial sums travel in the sphere scalars' all-reduce.
+
+Gains and TP: every rank keeps each matrix's gains as *full* vectors (length m and n), not
+TP-sharded ones. A TP shard contributes the partial sums of the rows and columns it holds (zeros
+elsewhere), the one reduction sums them over DP and TP, and every rank steps identical full
+vectors. Sharding them would save m + n floats per matrix and cost a second layout of every gain
+(and of its checkpoint entry) per TP size; full vectors keep the checkpoint independent of the TP
+and DP layout, and fused QKV / gate-up need nothing special (rows are in Megatron's TP-gathered
+order). The embedding and output layer are not spheres under MD, so they take no gains.
 Other optimizer names go to Megatron's original factory untouched.
 """
 
@@ -21,12 +32,13 @@ from megatron.core.optimizer import DistributedOptimizer, ParamKey, ParamWithNam
 
 from megatron_hyperball import names
 from megatron_hyperball.mcore import tree
+from megatron_hyperball.mcore.coords import param_blocks
 from megatron_hyperball.mcore.muon_tp import TensorParallelMuonH
 from megatron_hyperball.mcore.options import hyperball_options
-from megatron_hyperball.mcore.reduce import Reduction, all_reduce_partials_, group_size
+from megatron_hyperball.mcore.reduce import Reduction, all_reduce_partials_, group_rank, group_size
 from megatron_hyperball.mcore.roles import is_sphere_param, named_params
 from megatron_hyperball.mcore.sphere_index import build_index, full_shape
-from megatron_hyperball.optim import AdamH
+from megatron_hyperball.optim import AdamH, AdamMD
 from megatron_hyperball.optim.sphere import fixed_radius
 
 #: Megatron's own get_megatron_optimizer (set by the ``optimizer_factory`` patch).
@@ -130,11 +142,32 @@ def _check_same_count_over_tp(index) -> None:
             )
 
 
-def _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names) -> None:
+def gain_layout(leaf, sphere_set, pg_collection):
+    """The MD hook's layout for a leaf: each local sphere tensor's blocks of the full matrix
+    (``mcore.coords``), from its TP shard and, on ZeRO-1, this rank's flat range of it. Computed
+    once here; a handful of integers per tensor."""
+    blocks = {}
+    for model_param, main in tree.main_params(leaf).items():
+        if model_param not in sphere_set:
+            continue
+        tp_group = tree.tp_group_of(model_param, pg_collection)
+        flat = None
+        if isinstance(leaf, DistributedOptimizer):
+            r = leaf._get_model_param_range_map(model_param)["param"]
+            flat = (r.start, r.end)
+        blocks[id(main.tensor)] = param_blocks(model_param, group_size(tp_group), group_rank(tp_group), flat)
+
+    def layout(index, p, k):
+        return blocks[id(p)]
+
+    return layout
+
+
+def _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names, md: bool = False) -> None:
     if getattr(leaf, "is_stub_optimizer", False) or not hasattr(leaf, "optimizer"):
         return
     if not config.decoupled_weight_decay:
-        raise ValueError("optimizer 'adamh' supports decoupled weight decay only "
+        raise ValueError(f"optimizer '{config.optimizer}' supports decoupled weight decay only "
                          "(OptimizerConfig.decoupled_weight_decay=True)")
     index = _sphere_index_for(leaf, sphere_set, pg_collection, param_names)
     groups = leaf.optimizer.param_groups
@@ -142,7 +175,10 @@ def _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names) -> 
         group["sphere"] = any(index.sphere_of(p) is not None for p in group["params"])
         if group["sphere"]:
             group["weight_decay"] = 0.0  # wd_mult is 0 for spheres; Megatron's scheduler keeps it so
-    leaf.optimizer = AdamH.over_param_groups(
+    md_kwargs = dict(gains=hb.gains, gain_parametrization=hb.gain_parametrization, gain_lr=hb.gain_lr,
+                     allow_missing_gains=hb.allow_missing_gains,
+                     gain_layout=gain_layout(leaf, sphere_set, pg_collection)) if md else {}
+    leaf.optimizer = (AdamMD if md else AdamH).over_param_groups(
         groups,
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -151,6 +187,7 @@ def _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names) -> 
         update_norm=hb.update_norm,
         sphere_index=index,
         prepare_spheres=False,
+        **md_kwargs,
     )
 
 
@@ -169,7 +206,7 @@ def _check_known_name(name: str) -> None:
 def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True,
                            pg_collection=None, dump_param_to_param_group_map=None):
     """Megatron's ``get_megatron_optimizer``, plus 'adamh' / 'muonh' (aliases adam_hyperball,
-    muon_hyperball). See the module doc for how each is built."""
+    muon_hyperball) and 'adammd' / 'muonmd'. See the module doc for how each is built."""
     original = megatron_get_megatron_optimizer
     name = names.hyperball_name(config.optimizer.removeprefix("dist_"))
     if name is None:
@@ -177,13 +214,16 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         return original(config, model_chunks, config_overrides, use_gloo_process_groups,
                         pg_collection, dump_param_to_param_group_map)
     hb = hyperball_options(config)
-    if name == "muonh" and hb.output_layer:
-        raise ValueError("hyperball_output_layer=True is for adamh; with muonh the output layer takes Adam")
+    info = names.OPTIMIZERS[name]
+    if hb.output_layer and name != "adamh":
+        raise ValueError(f"OptimizerConfig.hyperball_output_layer=True is for adamh; with {name} the output "
+                         f"layer takes Adam (MD: embedding and output layer take no gains, seed 004); "
+                         f"allowed with {name}: False")
     param_names = named_params(model_chunks)
     spheres = [p for p, n in param_names.items() if is_sphere_param(n, p, output_layer=hb.output_layer)]
     sphere_set = set(spheres)
     _check_no_weight_decay_on_spheres(config, config_overrides, spheres, param_names)
-    if name == "muonh":
+    if info.muon:
         _check_muon_layout(config, model_chunks)
     prepare_model_spheres(spheres, param_names, hb.radius, pg_collection)
 
@@ -191,19 +231,23 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
     on_sphere = ParamWithNamePredicate(name="hyperball_sphere", fn=lambda p, _n: p in sphere_set)
     overrides[ParamKey(with_name_predicate=on_sphere)] = {"wd_mult": 0.0}
 
-    if name == "adamh":
+    if not info.muon:
         adam_config = dataclasses.replace(config, optimizer="adam")
         opt = original(adam_config, model_chunks, overrides, use_gloo_process_groups, pg_collection,
                        dump_param_to_param_group_map)
         for leaf in tree.leaves(opt):
-            _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names)
+            _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names, md=info.md)
         return opt
 
+    registered = "muonmd" if info.md else "muonh"
     muon_config = dataclasses.replace(
-        config, optimizer="dist_muonh" if config.optimizer.startswith("dist_") else "muonh")
+        config, optimizer=f"dist_{registered}" if config.optimizer.startswith("dist_") else registered)
     opt = original(muon_config, model_chunks, overrides, use_gloo_process_groups, pg_collection,
                    dump_param_to_param_group_map)
     for leaf in tree.leaves(opt):
-        if isinstance(tree.inner(leaf), TensorParallelMuonH):
-            tree.inner(leaf).set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection, param_names))
+        muon = tree.inner(leaf)
+        if isinstance(muon, TensorParallelMuonH):
+            muon.set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection, param_names))
+            if info.md:
+                muon.md_hook.layout = gain_layout(leaf, sphere_set, pg_collection)
     return opt

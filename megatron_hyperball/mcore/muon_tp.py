@@ -1,9 +1,11 @@
-"""MuonH inside Megatron: the pure MuonH step with Megatron's TP-aware Newton-Schulz.
+"""MuonH / MuonMD inside Megatron: the pure step with Megatron's TP-aware Newton-Schulz.
 
 Megatron's ``TensorParallelMuon`` knows how to orthogonalize a TP-sharded matrix (all-gather the
 momentum along the partition dim, or a distributed NS) and how to split fused QKV. MuonH reuses
 exactly those methods for u = NS5(momentum); everything else is ``optim.MuonH``: the sphere
 step, batched over all matrices, with norms summed over TP by the sphere index the adapter installs.
+``TensorParallelMuonMD`` is the same with ``optim.MuonMD``'s gain hook (its layout of TP shards, and
+so its gain sums over TP, installed by the adapter too).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from emerging_optimizers.utils import fp32_matmul_precision
 from megatron.core.optimizer.emerging_optimizers import TensorParallelMuon, _get_qkv_split_shapes
 
 from megatron_hyperball.optim.muon_h import MuonH
+from megatron_hyperball.optim.muon_md import MuonMD
 
 
 class TensorParallelMuonH(MuonH):
@@ -60,6 +63,11 @@ class TensorParallelMuonH(MuonH):
             return self.orthogonalize_tp(src, m.float()).to(p.dtype)
 
 
+class TensorParallelMuonMD(TensorParallelMuonH, MuonMD):
+    """MuonMD (W = diag(g_row) V diag(g_col), V stepped by MuonH) with Megatron's TP-aware NS:
+    TensorParallelMuonH's TP methods over MuonMD's hooks (MRO: TP layer, then MuonMD, then MuonH)."""
+
+
 def config_to_kwargs(config, model_chunks, pg_collection) -> dict[str, Any]:
     """OptimizerConfig -> TensorParallelMuonH kwargs (Megatron's muon_* knobs, hyperball_* knobs)."""
     from megatron_hyperball.mcore.options import hyperball_options
@@ -81,4 +89,18 @@ def config_to_kwargs(config, model_chunks, pg_collection) -> dict[str, Any]:
         qkv_split_shapes=_get_qkv_split_shapes(model_chunks[0].config),
         tp_mode=config.muon_tp_mode,
         megatron_config=config,
+    )
+
+
+def config_to_kwargs_md(config, model_chunks, pg_collection) -> dict[str, Any]:
+    """OptimizerConfig -> TensorParallelMuonMD kwargs: MuonH's plus the gains (their Adam takes the
+    run's adam betas / eps, seed 004)."""
+    from megatron_hyperball.mcore.options import hyperball_options
+
+    hb = hyperball_options(config)
+    return dict(
+        config_to_kwargs(config, model_chunks, pg_collection),
+        gains=hb.gains, gain_parametrization=hb.gain_parametrization, gain_lr=hb.gain_lr,
+        gain_betas=(config.adam_beta1, config.adam_beta2), gain_eps=config.adam_eps,
+        allow_missing_gains=hb.allow_missing_gains,
     )

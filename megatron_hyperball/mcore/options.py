@@ -23,6 +23,7 @@ class HyperballOptions:
     gains: str = names.GAIN_MODES[0]
     gain_parametrization: str = names.GAIN_PARAMETRIZATIONS[0]
     gain_lr: float = names.DEFAULT_GAIN_LR
+    allow_missing_gains: bool = False
 
 
 @dataclass
@@ -45,6 +46,10 @@ class HyperballOptimizerConfig(OptimizerConfig):
     md_gain_lr: float = names.DEFAULT_GAIN_LR
     """Peak lr of the gains' Adam; follows the run's schedule shape (seed 004: 1e-3)."""
 
+    md_allow_missing_gains: bool = False
+    """Load a checkpoint that has no gains (e.g. AdamH's / MuonH's): gains start at 1 (W = V), with a
+    warning. Without it such a load is refused, naming this option."""
+
 
 def hyperball_options(config) -> HyperballOptions:
     """The validated hyperball options of any ``OptimizerConfig``."""
@@ -57,5 +62,8 @@ def hyperball_options(config) -> HyperballOptions:
     parametrization = getattr(config, "md_gain_parametrization", names.GAIN_PARAMETRIZATIONS[0])
     gain_lr = getattr(config, "md_gain_lr", names.DEFAULT_GAIN_LR)
     names.check_gain_options(gains, parametrization, gain_lr, where="OptimizerConfig.md_*")
+    allow_missing = getattr(config, "md_allow_missing_gains", False)
+    if not isinstance(allow_missing, bool):
+        raise ValueError(f"OptimizerConfig.md_allow_missing_gains={allow_missing!r}; allowed: True, False")
     return HyperballOptions(radius, update_norm, bool(getattr(config, "hyperball_output_layer", False)),
-                            gains, parametrization, float(gain_lr))
+                            gains, parametrization, float(gain_lr), allow_missing)

@@ -134,7 +134,7 @@ def check_path(opt, name: str, *, distributed: bool, layer_wise: bool) -> list[s
 
     With a distributed optimizer: adam / adamh on Megatron's ZeRO-1 ``DistributedOptimizer``,
     muon / muonh on ``LayerWiseDistributedOptimizer``. A hyperball optimizer must be present
-    among the leaves (AdamH or TensorParallelMuonH).
+    among the leaves (AdamH, TensorParallelMuonH, AdamMD or TensorParallelMuonMD).
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
@@ -158,7 +158,7 @@ def check_path(opt, name: str, *, distributed: bool, layer_wise: bool) -> list[s
             raise RuntimeError(f"optimizer '{name}' should run on Megatron's {want}, but got "
                                f"{type(opt).__name__}: {'; '.join(lines)}")
     if info is not None and info.sphere:
-        want_inner = "TensorParallelMuonH" if info.muon else "AdamH"
+        want_inner = ("TensorParallelMuon" if info.muon else "Adam") + ("MD" if info.md else "H")
         if want_inner not in inner_names:
             raise RuntimeError(f"optimizer '{name}': no {want_inner} among the built optimizers "
                                f"({'; '.join(lines)})")

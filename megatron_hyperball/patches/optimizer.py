@@ -2,13 +2,14 @@
 
 - ``get_megatron_optimizer`` builds 'adamh' / 'muonh' (and aliases) through the adapter
   (``mcore.factory``) and passes every other name to Megatron's own function.
-- ``_EMERGING_OPTIMIZERS['muonh' / 'muon_hyperball']``: MuonH with Megatron's TP-aware
+- ``_EMERGING_OPTIMIZERS['muonh' / 'muon_hyperball' / 'muonmd']``: MuonH (MuonMD) with Megatron's TP-aware
   Newton-Schulz, so Megatron's layer-wise optimizer builds it like its own Muon.
 - fp32 members of ``LayerWiseDistributedOptimizer`` get Megatron's ``FP32Optimizer`` wrapper.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 
@@ -61,13 +62,16 @@ def _install_registry() -> None:
     )
     eopt._EMERGING_OPTIMIZERS["muonh"] = entry
     eopt._EMERGING_OPTIMIZERS["muon_hyperball"] = entry
+    # MuonMD: the same routing, MuonMD's gain hook on the sphere matrices
+    eopt._EMERGING_OPTIMIZERS["muonmd"] = dataclasses.replace(
+        entry, optimizer_cls=muon_tp.TensorParallelMuonMD, config_to_kwargs=muon_tp.config_to_kwargs_md)
 
 
 register(Patch(
     name="muonh_registry_entry",
-    target="megatron.core.optimizer.emerging_optimizers._EMERGING_OPTIMIZERS['muonh', 'muon_hyperball']",
+    target="megatron.core.optimizer.emerging_optimizers._EMERGING_OPTIMIZERS['muonh', 'muon_hyperball', 'muonmd']",
     versions=VERSIONS,
-    why="Registers MuonH with Megatron's emerging-optimizer routing (layer-wise distributed optimizer, Adam "
+    why="Registers MuonH and MuonMD with Megatron's emerging-optimizer routing (layer-wise distributed optimizer, Adam "
         "for non-matrices). megatron-core 0.19.2's own 'muon_hyperball' entry is built from emerging-optimizers' "
         "MuonHyperball and fails with TypeError 'betas'; it is replaced.",
     install=_install_registry,

@@ -480,3 +480,87 @@ def sharded_state(ddp, optimizer, is_loading: bool, sharding: str = "dp_resharda
     sd = {"model": unwrap(ddp).sharded_state_dict(metadata=metadata)}
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
     return sd
+
+
+# -- magnitude-direction (AdamMD / MuonMD) float64 reference ---------------------------------------------
+class MDReference:
+    """Seed 004 in float64, written from its equations (not from optim/gains.py):
+
+        W = diag(r) V diag(c),  r = softplus(raw_r), c = softplus(raw_c)  (raw_0 = log(e - 1): gains 1)
+        V = W / (r c^T),  P = V * G,  dL/dr_i = sum_j P_ij c_j,  dL/dc_j = sum_i P_ij r_i
+        V' = base step of V with G * (r c^T)  (``base``: AdamHReference / MuonHReference holding V)
+        raw' = Adam(raw, dL/dg * sigmoid(raw)), lr ``gain_lr``, no weight decay;  W' = diag(r') V' diag(c')
+    """
+
+    def __init__(self, w0, base, gain_lr, betas=(0.9, 0.95), eps=1e-8):
+        self.base, self.lr, self.betas, self.eps = base, gain_lr, betas, eps
+        m, n = base.w.shape
+        self.raw = {s: torch.full((k,), math.log(math.e - 1), dtype=torch.float64) for s, k in (("r", m), ("c", n))}
+        self.mom = {s: torch.zeros_like(v) for s, v in self.raw.items()}
+        self.sq = {s: torch.zeros_like(v) for s, v in self.raw.items()}
+        self.t = 0
+        self.w = self._outer() * base.w
+
+    def gains(self):
+        return {s: torch.nn.functional.softplus(v) for s, v in self.raw.items()}
+
+    def _outer(self):
+        g = self.gains()
+        return g["r"][:, None] * g["c"][None, :]
+
+    def step(self, grad):
+        grad = grad.double()
+        g = self.gains()
+        outer = self._outer()
+        v = self.w / outer
+        p = v * grad
+        dg = {"r": (p * g["c"][None, :]).sum(1), "c": (p * g["r"][:, None]).sum(0)}
+        self.base.w = v
+        self.base.step(grad * outer)
+        b1, b2 = self.betas
+        self.t += 1
+        for s in self.raw:
+            d = dg[s] * torch.sigmoid(self.raw[s])
+            self.mom[s] = b1 * self.mom[s] + (1 - b1) * d
+            self.sq[s] = b2 * self.sq[s] + (1 - b2) * d * d
+            m_hat, v_hat = self.mom[s] / (1 - b1**self.t), self.sq[s] / (1 - b2**self.t)
+            self.raw[s] = self.raw[s] - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        self.w = self._outer() * self.base.w
+        return self.w
+
+
+def md_reference(shapes, steps: int, lr: float, gain_lr: float, base: str = "adam", update_norm: str = "exact"):
+    """(weights, {name: gains}) of a float64 AdamMD (base 'adam') or MuonMD ('muon') run of the whole
+    model fed :func:`grad` (non-sphere params: AdamW as :func:`model_reference`)."""
+    from megatron_hyperball.optim.newton_schulz import orthogonalize
+
+    refs = {}
+
+    def make(w0):
+        if base == "adam":
+            b = AdamHReference(w0, lr, update_norm=update_norm)
+        else:
+            b = MuonHReference(w0, lr, lambda x: orthogonalize(x.float(), fp32_matmul_prec="highest"),
+                               momentum=0.95, nesterov=True, update_norm=update_norm)
+        ref = MDReference(w0, b, gain_lr)
+        refs[len(refs)] = ref
+        return ref
+
+    weights = model_reference(shapes, make, steps, lr)
+    names = [n for n in shapes if is_sphere(n)]
+    return weights, {n: refs[i].gains() for i, n in enumerate(names)}
+
+
+def md_gains_by_name(optimizer) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{global-ish name (wrapper prefixes dropped): {'row'|'col'|...: gains}} of every MD leaf on this rank."""
+    from megatron_hyperball.mcore.tree import inner, leaves
+
+    out = {}
+    for leaf in leaves(optimizer):
+        torch_opt = inner(leaf)
+        hook = getattr(torch_opt, "md_hook", None)
+        if hook is None:
+            continue
+        for key, gains in hook.gain_values(torch_opt.sphere_index()).items():
+            out[re.sub(r"^(module\.)+", "", key)] = gains
+    return out

@@ -1,0 +1,233 @@
+"""AdamMD on Megatron's DDP + ZeRO-1 DistributedOptimizer, against a float64 reference of seed 004.
+
+Every rank is fed the same synthetic full gradients (``helpers.feed_synthetic_grads``) and only the
+optimizer runs, so DP = 1, 2, 4 (flat slices that cut rows anywhere, empty slices at DP = 4),
+TP = 2 (column- and row-parallel matrices, fused QKV) and DP 2 x TP 2 must all equal the
+float64 whole-model reference (``helpers.MDReference``) to fp32 rounding, weights and gains.
+
+Run: torchrun --nproc-per-node N -m pytest tests/distributed/test_adammd.py  (N in WORLD_SIZES)
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_hyperball.mcore.tree import describe, inner, leaves
+from tests.distributed.helpers import (
+    AllReduceCounter,
+    all_max,
+    assert_rel_close,
+    build,
+    fed_steps,
+    full_params,
+    is_sphere,
+    local_optimizer_state,
+    md_gains_by_name,
+    md_reference,
+    sharded_state,
+)
+
+WORLD_SIZES = (1, 2, 4)
+STEPS, LR, GAIN_LR = 12, 0.02, 0.02  # a gain lr that moves the gains (|g - 1| ~ 0.1 after 12 steps)
+PATH = "DistributedOptimizer > AdamMD (megatron_hyperball)"
+
+
+def layout(dp, tp=1):
+    return pytest.param(dp, tp, id=f"dp{dp}-tp{tp}", marks=pytest.mark.world_size(dp * tp))
+
+
+def build_md(name="adammd", steps=STEPS, **kw):
+    return build(name, lr=LR, steps=steps, md_gain_lr=GAIN_LR, **kw)
+
+
+def partial_rows(optimizer) -> bool:
+    """Whether this rank holds a sphere slice that starts or ends inside a row."""
+    for leaf in leaves(optimizer):
+        opt = inner(leaf)
+        layout = getattr(getattr(opt, "md_hook", None), "layout", None)
+        if layout is None:
+            continue
+        index = opt.sphere_index()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                k = index.sphere_of(p)
+                if k is not None and any(b.rows == 1 and b.cols < index.shapes[k][1] for b in layout(index, p, k)):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("update_norm", ["exact", "shape"])
+@pytest.mark.parametrize("dp,tp", [layout(1), layout(2), layout(4), layout(1, tp=2), layout(2, tp=2)])
+def test_adammd_matches_float64_reference(parallel, dp, tp, update_norm):
+    parallel(tp=tp)
+    ddp, optimizer, scheduler = build_md(hyperball_update_norm=update_norm)
+    assert describe(optimizer) == [PATH]
+    cut = all_max(float(partial_rows(optimizer)))
+    ok = fed_steps(ddp, optimizer, scheduler, range(STEPS))
+    params = full_params(ddp)
+    assert all(ok)
+    if dp > 1:  # the ZeRO-1 slices really cut rows
+        assert cut == 1.0
+    ref, ref_gains = md_reference({n: tuple(t.shape) for n, t in params.items()}, STEPS, LR, GAIN_LR,
+                                  update_norm=update_norm)
+    assert_rel_close(params, ref, 2e-6, f"AdamMD dp{dp} tp{tp} {update_norm}")
+    gains = md_gains_by_name(optimizer)
+    assert set(gains) == {n for n in params if is_sphere(n)}  # every rank holds every sphere's gains
+    moved = 0.0
+    for name, g in gains.items():
+        for side, key in (("row", "r"), ("col", "c")):
+            want = ref_gains[name][key]
+            err = ((g[side].double() - want).norm() / (want - 1).norm()).item()
+            assert err < 1e-4, (name, side, err)  # relative to the movement g - 1
+            moved = max(moved, (want - 1).abs().max().item())
+    assert moved > 0.02
+
+
+@pytest.mark.world_size(4)
+def test_gain_sums_add_bytes_not_all_reduces(parallel):
+    """DP 2 x TP 2: AdamMD's step makes exactly AdamH's all-reduces, per group (the gain-gradient
+    sums travel in the sphere scalars' vector)."""
+    parallel(tp=2)
+    counts = {}
+    for name in ("adamh", "adammd"):
+        counter = AllReduceCounter()
+        ddp, optimizer, scheduler = build_md(name, steps=2)
+        fed_steps(ddp, optimizer, scheduler, range(2), counter=counter, count_step=1)
+        counts[name] = dict(counter.counts)
+    assert counts["adammd"] == counts["adamh"], counts
+    assert sum(counts["adammd"].values()) > 0
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def _save(ddp, optimizer, directory):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state(ddp, optimizer, False), str(directory),
+                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+
+
+def _load(ddp, optimizer, directory):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+
+    from megatron_hyperball.mcore.builders import unwrap
+
+    with torch.no_grad():  # start elsewhere, so a load that missed something shows
+        for p in ddp.parameters():
+            p.mul_(1.5)
+    loaded = dist_checkpointing.load(sharded_state(ddp, optimizer, True), str(directory),
+                                     sharded_strategy=get_default_load_sharded_strategy(str(directory)))
+    unwrap(ddp).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_checkpoint_resume_is_bitwise(parallel, shared_tmp_path, bf16):
+    """ZeRO-1, DP = 2: 3 steps, torch_dist save, 3 more; a fresh build (weights moved away) loads
+    it and steps the same 3: parameters, optimizer state and gains equal, bitwise."""
+    steps, at = 6, 3
+    parallel()
+    ddp, opt, sched = build_md(steps=steps, bf16=bf16)
+    fed_steps(ddp, opt, sched, range(at))
+    _save(ddp, opt, shared_tmp_path / "ckpt")
+    fed_steps(ddp, opt, sched, range(at, steps))
+    want = full_params(ddp), local_optimizer_state(opt), md_gains_by_name(opt)
+
+    parallel(seed=4321)
+    ddp, opt, sched = build_md(steps=steps, bf16=bf16)
+    _load(ddp, opt, shared_tmp_path / "ckpt")
+    sched.num_steps = at
+    fed_steps(ddp, opt, sched, range(at, steps))
+    got = full_params(ddp), local_optimizer_state(opt), md_gains_by_name(opt)
+    for w, g in zip(want[:2], got[:2]):
+        assert w.keys() == g.keys()
+        for k in w:
+            assert torch.equal(w[k], g[k]), k
+    assert want[2].keys() == got[2].keys()
+    for name in want[2]:
+        for side in want[2][name]:
+            assert torch.equal(want[2][name][side], got[2][name][side]), (name, side)
+
+
+@pytest.mark.world_size(2)
+def test_checkpoint_without_gains_needs_the_option(parallel, shared_tmp_path):
+    """An AdamH checkpoint loaded by AdamMD: refused, naming md_allow_missing_gains; with it the
+    gains start at 1 (W = V: the loaded weights as they are) and it steps."""
+    parallel()
+    ddp, opt, sched = build("adamh", lr=LR, steps=4)
+    fed_steps(ddp, opt, sched, range(2))
+    _save(ddp, opt, shared_tmp_path / "adamh")
+    saved = full_params(ddp)
+
+    parallel()
+    ddp, opt, _ = build_md(steps=4)
+    with pytest.raises(ValueError, match=r"no magnitude-direction gains.*md_allow_missing_gains=True"):
+        _load(ddp, opt, shared_tmp_path / "adamh")
+
+    parallel()
+    ddp, opt, sched = build_md(steps=4, md_allow_missing_gains=True)
+    with pytest.warns(UserWarning, match="md_allow_missing_gains=True: those gains start at 1"):
+        _load(ddp, opt, shared_tmp_path / "adamh")
+    loaded = full_params(ddp)
+    for k in saved:
+        assert torch.equal(saved[k], loaded[k]), k
+    sched.num_steps = 2
+    assert all(fed_steps(ddp, opt, sched, range(2, 4)))
+    gains = md_gains_by_name(opt)
+    assert gains and all((g[s] - 1).abs().max() > 0 for g in gains.values() for s in g)
+
+
+# -- DP 2 -> DP 1: the DP = 1 leg runs in a one-rank torchrun started by rank 0 -------------------
+RESHARD = os.environ.get("HB_MD_RESHARD_DIR")
+
+
+@pytest.mark.world_size(2)
+def test_dp2_checkpoint_resumes_on_dp1(parallel, shared_tmp_path):
+    """Save at DP = 2 after 3 steps; a one-rank run (DP = 1) loads it and steps 3 more: it equals
+    the uninterrupted DP = 2 run to fp32 rounding (weights, gains)."""
+    steps, at = 6, 3
+    parallel()
+    ddp, opt, sched = build_md(steps=steps)
+    fed_steps(ddp, opt, sched, range(at))
+    _save(ddp, opt, shared_tmp_path / "dp2")
+    fed_steps(ddp, opt, sched, range(at, steps))
+    want, want_gains = full_params(ddp), md_gains_by_name(opt)
+    if dist.get_rank() == 0:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+        env["HB_MD_RESHARD_DIR"] = str(shared_tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "pytest",
+             "-q", "-x", "-p", "no:cacheprovider", "--disable-warnings", f"{__file__}::test_dp1_leg"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    dist.barrier()
+    got = torch.load(shared_tmp_path / "dp1.pt")
+    assert_rel_close(got["params"], want, 1e-6, "DP2 -> DP1 resume vs uninterrupted DP2")
+    for name, g in want_gains.items():
+        for side in g:
+            assert torch.allclose(got["gains"][name][side], g[side], rtol=0, atol=1e-6), (name, side)
+
+
+@pytest.mark.world_size(1)
+@pytest.mark.skipif(RESHARD is None, reason="the DP = 1 leg of test_dp2_checkpoint_resumes_on_dp1")
+def test_dp1_leg(parallel):
+    from pathlib import Path
+
+    steps, at = 6, 3
+    parallel()
+    ddp, opt, sched = build_md(steps=steps)
+    _load(ddp, opt, Path(RESHARD) / "dp2")
+    sched.num_steps = at
+    fed_steps(ddp, opt, sched, range(at, steps))
+    torch.save({"params": full_params(ddp), "gains": md_gains_by_name(opt)}, Path(RESHARD) / "dp1.pt")
