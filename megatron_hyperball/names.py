@@ -151,3 +151,27 @@ def resolve_block_output_scale(value: Any, num_layers: int | None) -> float | No
                          f"use a number or 'none' otherwise")
     L = int(num_layers)
     return 1.0 / math.sqrt(2 * L) if parsed == "1/sqrt(2L)" else 1.0 / L
+
+
+# -- MoE ---------------------------------------------------------------------------------------------
+ROUTER_SPHERE_MODES = ("frobenius", "row", "none")
+"""frobenius: the router is one sphere matrix (HyperP); row: each expert's routing vector on its own
+sphere (seed 004's MD recipe); none: the router takes Adam."""
+
+AUX_LOSS_TYPES = ("global_aux_loss", "aux_loss", "seq_aux_loss")
+"""Megatron's load-balancing losses (``--moe-router-load-balancing-type``): global_aux_loss is
+HyperP's (switch loss on the full softmax, token counts over every data-parallel rank); aux_loss
+counts one micro-batch, seq_aux_loss one sequence."""
+
+DEFAULT_AUX_LOSS_COEFF_SPHERE = 0.1   # HyperP's MoE runs (sphere optimizers tolerate larger weights)
+DEFAULT_AUX_LOSS_COEFF = 0.01         # Megatron's suggested start (--moe-aux-loss-coeff help)
+
+
+def resolve_router_sphere(mode: str | None, sphere_optimizer: bool) -> str:
+    """The router mode a run uses: the configured one, else frobenius with a sphere optimizer
+    (HyperP) and none otherwise."""
+    if mode is None:
+        return "frobenius" if sphere_optimizer else "none"
+    if mode not in ROUTER_SPHERE_MODES:
+        raise ValueError(f"router_sphere={mode!r} is not a router mode; allowed: {', '.join(ROUTER_SPHERE_MODES)}")
+    return mode

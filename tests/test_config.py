@@ -646,18 +646,51 @@ def test_trainer_optimizer_config_and_param_groups(megatron_parsed):
 
 
 def test_router_sphere_default_follows_the_optimizer_and_none_is_not_ignored():
-    """The router is a sphere matrix under adamh / muonh; a config that asks for 'none' there is
-    refused (the adapter would silently put it on the sphere), not ignored."""
+    """frobenius by default under adamh / muonh (HyperP); 'none' runs (the entry tags the router off
+    the sphere: tests/distributed/test_moe_experts.py); 'row' is refused, naming the allowed modes."""
     from megatron_hyperball.config import launch_problems
 
     cfg = cfg_of("optimizer.name=muonh", "model.moe={num_experts: 4}")
     assert cfg.model.moe.router_sphere is None and launch_problems(cfg, 1, cpu=True) == []
-    cfg = cfg_of("model.moe={num_experts: 4, router_sphere: none}")  # adamh
-    problems = dict(launch_problems(cfg, 1, cpu=True))
-    assert "'none' with optimizer 'adamh'" in problems["model.moe.router_sphere"]
-    assert "allowed: frobenius" in problems["model.moe.router_sphere"]
-    cfg = cfg_of("optimizer.name=adamw", "model.moe={num_experts: 4, router_sphere: none}")
-    assert launch_problems(cfg, 1, cpu=True) == []
+    assert cfg.model.moe.resolved_router_sphere(True) == "frobenius"
+    assert cfg.model.moe.resolved_router_sphere(False) == "none"
+    for opt in ("adamh", "muonh", "adamw"):
+        cfg = cfg_of(f"optimizer.name={opt}", "model.moe={num_experts: 4, router_sphere: none}")
+        assert launch_problems(cfg, 1, cpu=True) == [] and cfg.model.moe.resolved_router_sphere(True) == "none"
+    problems = dict(launch_problems(cfg_of("model.moe={num_experts: 4, router_sphere: row}"), 1, cpu=True))
+    assert "'row'" in problems["model.moe.router_sphere"]
+    assert problems["model.moe.router_sphere"].endswith("allowed: frobenius, none")
+    err = str(error_of("model.moe={num_experts: 4, router_sphere: rows}"))
+    assert "model.moe.router_sphere" in err and "'frobenius'" in err and "'row'" in err and "'none'" in err
+
+
+@pytest.mark.parametrize("moe,optimizer,flags", [
+    ("{num_experts: 4}", "adamh", ("global_aux_loss", "0.1")),                    # HyperP's recipe by default
+    ("{num_experts: 4}", "muonh", ("global_aux_loss", "0.1")),
+    ("{num_experts: 4}", "adamw", ("global_aux_loss", "0.01")),                   # Megatron's suggested start
+    ("{num_experts: 4, aux_loss_coeff: 0.3}", "muonh", ("global_aux_loss", "0.3")),
+    ("{num_experts: 4, aux_loss_coeff: 0.01, aux_loss_type: aux_loss}", "adamh", ("aux_loss", "0.01")),
+    ("{num_experts: 4, aux_loss_type: seq_aux_loss}", "adamh", ("seq_aux_loss", "0.1")),
+    ("{num_experts: 4, aux_loss_coeff: 0}", "adamh", ("none", "0.0")),             # off
+])
+def test_aux_loss_maps_to_megatron_load_balancing_type(moe, optimizer, flags):
+    args = to_megatron_args(cfg_of(f"optimizer.name={optimizer}", f"model.moe={moe}"))
+    f = {k: v for k, v in zip(args, args[1:]) if k.startswith("--moe-")}
+    assert (f["--moe-router-load-balancing-type"], f["--moe-aux-loss-coeff"]) == flags
+
+
+def test_aux_loss_type_refused_naming_the_types():
+    err = str(error_of("model.moe={num_experts: 4, aux_loss_type: sinkhorn}"))
+    assert "model.moe.aux_loss_type" in err and "'global_aux_loss'" in err and "'seq_aux_loss'" in err
+    assert "model.moe.aux_loss_coeff" in str(error_of("model.moe={num_experts: 4, aux_loss_coeff: -0.1}"))
+
+
+def test_megatron_aux_loss_coeff_corrects_global_only():
+    from megatron_hyperball.models.aux_loss import megatron_aux_loss_coeff
+
+    assert megatron_aux_loss_coeff(0.1, "global_aux_loss", 8) == pytest.approx(0.8)
+    assert megatron_aux_loss_coeff(0.1, "aux_loss", 8) == 0.1
+    assert megatron_aux_loss_coeff([0.1, 0.2], ["aux_loss", "global_aux_loss"], 4) == [0.1, pytest.approx(0.8)]
 
 
 def test_sqrt_gate_keys():

@@ -2,7 +2,7 @@
 
 - the number of processes: tp * pp must divide it, the global batch must split over the
   data-parallel ranks, ep must fit the data-parallel size;
-- values this release accepts in the schema but cannot run yet (SqrtGate, row-normalised router,
+- values this release accepts in the schema but cannot run yet (row-normalised router,
   fp32 on Megatron's layer-wise optimizer in the failing combinations of megatron-core 0.19.2);
 - on a machine without CUDA: what the CPU path (gloo) cannot do; with CUDA: the packages the
   GPU-only choices need (Transformer Engine, grouped GEMM);
@@ -49,11 +49,9 @@ def _not_implemented(cfg: HyperballConfig) -> list[tuple[str, str]]:
     p = []
     moe = cfg.model.moe
     if moe is not None and moe.router_sphere == "row":
-        p.append(("model.moe.router_sphere", "'row' is not implemented in this release; allowed: frobenius, none"))
-    if moe is not None and moe.router_sphere == "none" and cfg.optimizer.sphere:
-        # the adapter puts every router on a sphere today: refuse rather than ignore the key
-        p.append(("model.moe.router_sphere", f"'none' with optimizer '{cfg.optimizer.name}' is not implemented in "
-                                             f"this release (the router is a sphere matrix); allowed: frobenius"))
+        # one tensor holding several spheres (per-row sums on ZeRO-1 shards) is not built yet
+        p.append(("model.moe.router_sphere", "'row' (each expert's routing vector on its own sphere) is not "
+                                             "implemented in this release; allowed: frobenius, none"))
     # megatron-core 0.19.2's layer-wise optimizer in fp32 (checked on CPU): Muon fails when the
     # optimizer is built (ChainedOptimizer's config assert); MuonH trains but its first checkpoint
     # save fails (the fp32 members are FP32Optimizers, whose sharded state dict has no 'optimizer'
@@ -82,6 +80,10 @@ def _cpu_problems(cfg: HyperballConfig) -> list[tuple[str, str]]:
                                                 f"lacks; allowed on CPU: allgather"))
     if moe is not None and moe.grouped_gemm:
         p.append(("model.moe.grouped_gemm", "true needs CUDA grouped-GEMM kernels; allowed on CPU: false"))
+    if moe is not None and cfg.parallelism.tp > 1:
+        # Megatron requires sequence parallelism for MoE with TP > 1, and the CPU path's torch norms lack it
+        p.append(("parallelism.tp", f"{cfg.parallelism.tp} with model.moe: MoE with tensor parallelism needs "
+                                    f"sequence parallelism, which the CPU path lacks; allowed on CPU: 1"))
     return p
 
 

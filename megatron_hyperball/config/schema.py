@@ -131,7 +131,13 @@ class MoEConfig(_Section):
     router_sphere: Optional[Literal["frobenius", "row", "none"]] = None
     """frobenius: the router is a sphere matrix of the optimizer (HyperP); row: unit-norm rows (MD);
     none: plain Adam. Default: frobenius with a sphere optimizer (HyperP), none otherwise."""
-    aux_loss_coeff: Num = Field(0.0, ge=0)
+    aux_loss_coeff: Optional[Num] = Field(None, ge=0)
+    """Load-balancing loss weight (0: off). Default: 0.1 with a sphere optimizer (HyperP's MoE runs),
+    0.01 otherwise (Megatron's suggested start)."""
+    aux_loss_type: Literal["global_aux_loss", "aux_loss", "seq_aux_loss"] = "global_aux_loss"
+    """Megatron's --moe-router-load-balancing-type: global_aux_loss is HyperP's switch loss on the full
+    softmax with token counts over every data-parallel rank, one per MoE layer, summed; aux_loss counts
+    one micro-batch, seq_aux_loss one sequence."""
     token_dispatcher: Literal["allgather", "alltoall", "flex"] = "allgather"
     grouped_gemm: bool = False
     layer_freq: int = Field(1, ge=1)
@@ -147,6 +153,14 @@ class MoEConfig(_Section):
             # top-1 with the softmax after the top-k, which SqrtGate needs
             p.append(("topk", "1 with model.moe.sqrt_gate true; allowed: 2 .. num_experts"))
         return p
+
+    def resolved_router_sphere(self, sphere_optimizer: bool) -> str:
+        return names.resolve_router_sphere(self.router_sphere, sphere_optimizer)
+
+    def resolved_aux_loss_coeff(self, sphere_optimizer: bool) -> float:
+        if self.aux_loss_coeff is not None:
+            return float(self.aux_loss_coeff)
+        return names.DEFAULT_AUX_LOSS_COEFF_SPHERE if sphere_optimizer else names.DEFAULT_AUX_LOSS_COEFF
 
 
 class ModelConfig(_Section):

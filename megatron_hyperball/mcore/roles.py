@@ -9,6 +9,11 @@ The sphere rule agrees with Megatron's own Muon routing (``is_managed_by_layer_w
 2-D and not tagged ``is_embedding_or_output_parameter``), so the sphere set, Megatron's
 layer-wise buffers and its Adam fallback never disagree. Megatron tags word embeddings and the
 output layer; a learned position embedding is untagged, so ``tag_position_embeddings`` tags it.
+
+A 2-D parameter tagged ``hyperball_sphere = 'none'`` (``tag_moe_spheres``: the shared expert's
+``(1, h)`` gate always, the router with ``router_sphere: none``) is on no sphere and leaves
+Megatron's layer-wise matrix set (patch ``layer_wise_untagged_matrices``), so it takes Adam under
+every sphere optimizer. ``'row'`` marks a router whose rows are each their own sphere.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["Role", "ROLES", "MATRIX_TYPES", "role_of", "is_sphere_param", "tag_position_embeddings",
-           "named_params"]
+__all__ = ["Role", "ROLES", "MATRIX_TYPES", "SPHERE_ATTR", "role_of", "is_sphere_param", "sphere_mode",
+           "tag_position_embeddings", "tag_moe_spheres", "named_params"]
+
+#: Param attribute naming a matrix's sphere mode when it is not the default 'frobenius'.
+SPHERE_ATTR = "hyperball_sphere"
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,34 @@ def role_of(name: str, param: torch.Tensor) -> Role:
 
 def is_sphere_param(name: str, param: torch.nn.Parameter, *, output_layer: bool = False) -> bool:
     """On a sphere under the hyperball optimizers (the output layer only when asked, and untied)."""
-    if param.dim() != 2 or not param.requires_grad:
+    if param.dim() != 2 or not param.requires_grad or sphere_mode(param) == "none":
         return False
     role = role_of(name, param)
     if role.name == "output" and not getattr(param, "shared_embedding", False):
         return output_layer
     return role.sphere and not getattr(param, "is_embedding_or_output_parameter", False)
+
+
+def sphere_mode(param: torch.Tensor) -> str:
+    """'frobenius' (one sphere, the default), 'row' (each row its own sphere) or 'none' (off)."""
+    return getattr(param, SPHERE_ATTR, "frobenius")
+
+
+def tag_moe_spheres(model: torch.nn.Module, router_sphere: str) -> None:
+    """Tag the MoE matrices whose sphere is not the default, before DDP (it reads the layer-wise
+    tags): every shared-expert gate 'none'; every router ``router_sphere`` (frobenius | row | none)."""
+    from megatron_hyperball.names import ROUTER_SPHERE_MODES
+
+    if router_sphere not in ROUTER_SPHERE_MODES:
+        raise ValueError(f"router_sphere={router_sphere!r}; allowed: {', '.join(ROUTER_SPHERE_MODES)}")
+    if router_sphere == "row":
+        raise NotImplementedError("router_sphere='row' is not implemented in this release; allowed: frobenius, none")
+    for name, p in model.named_parameters():
+        role = role_of(name, p).name
+        if role == "shared_expert_gate":
+            setattr(p, SPHERE_ATTR, "none")
+        elif role == "router" and router_sphere != "frobenius":
+            setattr(p, SPHERE_ATTR, router_sphere)
 
 
 def tag_position_embeddings(model: torch.nn.Module) -> None:

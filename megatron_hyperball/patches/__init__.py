@@ -62,7 +62,7 @@ def megatron_version() -> str:
 
 def apply(group: str = "core") -> list[str]:
     """Install every not-yet-installed entry of ``group`` that fits this megatron-core."""
-    from megatron_hyperball.patches import checkpoint, cpu_training, optimizer, training  # noqa: F401
+    from megatron_hyperball.patches import checkpoint, cpu_training, moe, optimizer, training  # noqa: F401
 
     version = megatron_version()
     for patch in REGISTRY:

@@ -64,18 +64,20 @@ def model_provider(cfg, pre_process: bool = True, post_process: bool = True, vp_
     from megatron.training import get_args, print_rank_0
     from megatron.training.argument_utils import core_transformer_config_from_args
 
-    from megatron_hyperball.mcore.roles import tag_position_embeddings
+    from megatron_hyperball.mcore.roles import tag_moe_spheres, tag_position_embeddings
 
     args = get_args()
     if config is None:
         config = core_transformer_config_from_args(args)
     alpha = cfg.block_output_alpha()
     moe = cfg.model.moe
+    aux_note = _correct_global_aux_loss(args, config) if moe is not None else ""
     sqrt_gate_p = float(moe.shared_expert_fraction) if moe is not None and moe.sqrt_gate else None
     spec = layer_spec(args, config, alpha, vp_stage, sqrt_gate_p=sqrt_gate_p)
     print_rank_0(f"> building GPTModel ({args.transformer_impl} spec), Depth-muP block output scale "
                  f"{cfg.hyperp.block_output_scale} -> alpha = {'off' if alpha is None else f'{alpha:.6g}'}"
-                 + ("" if sqrt_gate_p is None else f"; SqrtGate, shared-expert fraction p = {sqrt_gate_p:g}"))
+                 + ("" if sqrt_gate_p is None else f"; SqrtGate, shared-expert fraction p = {sqrt_gate_p:g}")
+                 + aux_note)
     kwargs = {}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
@@ -97,7 +99,30 @@ def model_provider(cfg, pre_process: bool = True, post_process: bool = True, vp_
         **kwargs,
     )
     tag_position_embeddings(model)
+    if moe is not None and cfg.optimizer.sphere:
+        # before DDP: the shared-expert gate, and the router unless frobenius, take Adam
+        tag_moe_spheres(model, moe.resolved_router_sphere(True))
     return model
+
+
+def _correct_global_aux_loss(args, config) -> str:
+    """Give the router HyperP's global aux loss at the configured weight (``models.aux_loss``:
+    Megatron's global_aux_loss gradient is 1/dp of it); returns a note for the build line."""
+    from megatron.core import parallel_state
+
+    from megatron_hyperball.models.aux_loss import megatron_aux_loss_coeff
+
+    types = args.moe_router_load_balancing_type
+    if "global_aux_loss" not in ([types] if isinstance(types, str) else types):
+        return ""
+    dp = parallel_state.get_data_parallel_world_size()
+    coeff = args.moe_aux_loss_coeff  # the config's; recomputed from it for every model chunk
+    if isinstance(types, (list, tuple)) and len(types) == 1:
+        types = types[0]
+    if isinstance(coeff, (list, tuple)) and len(coeff) == 1:
+        coeff = coeff[0]
+    config.moe_aux_loss_coeff = megatron_aux_loss_coeff(coeff, types, dp)
+    return f"; global aux loss weight {coeff} (Megatron's coefficient {config.moe_aux_loss_coeff} = it x dp {dp})"
 
 
 # -- data -------------------------------------------------------------------------------------------

@@ -112,8 +112,11 @@ def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = 
         flag("--moe-router-topk", moe.topk)
         flag("--moe-ffn-hidden-size", moe.ffn_hidden_size or m.resolved_ffn_hidden_size())
         flag("--moe-shared-expert-intermediate-size", moe.shared_expert_size)
-        flag("--moe-aux-loss-coeff", float(moe.aux_loss_coeff))
-        flag("--moe-router-load-balancing-type", "aux_loss" if moe.aux_loss_coeff > 0 else "none")
+        # HyperP: global_aux_loss at 0.1 (the model provider corrects Megatron's 1/dp on its gradient,
+        # models.aux_loss); 0 turns load balancing off
+        coeff = moe.resolved_aux_loss_coeff(names.OPTIMIZERS[opt.name].sphere)
+        flag("--moe-aux-loss-coeff", coeff)
+        flag("--moe-router-load-balancing-type", moe.aux_loss_type if coeff > 0 else "none")
         flag("--moe-token-dispatcher-type", moe.token_dispatcher)
         flag("--moe-grouped-gemm", moe.grouped_gemm)
         if moe.layer_freq != 1:
