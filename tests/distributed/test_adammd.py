@@ -70,7 +70,7 @@ def test_adammd_matches_float64_reference(parallel, dp, tp, update_norm):
     ok = fed_steps(ddp, optimizer, scheduler, range(STEPS))
     params = full_params(ddp)
     assert all(ok)
-    if dp > 1:  # the ZeRO-1 slices really cut rows
+    if dp > 1 and tp == 1:  # the ZeRO-1 slices really cut rows (at DP 2 x TP 2 they happen to align)
         assert cut == 1.0
     ref, ref_gains = md_reference({n: tuple(t.shape) for n, t in params.items()}, STEPS, LR, GAIN_LR,
                                   update_norm=update_norm)
