@@ -34,6 +34,7 @@ setup(
     extras_require={
         "test": ["pytest"],
         "bench": ["matplotlib"],  # benchmarks/compare_optimizers.py plots
+        "dashboard": ["matplotlib"],  # megatron-hyperball dashboard RUN_DIR (TensorBoard files -> PNG)
         # Transformer Engine is optional: used when importable (GPU machines), never required.
         "te": ["transformer-engine[pytorch]"],
     },

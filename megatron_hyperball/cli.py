@@ -3,6 +3,7 @@
     megatron-hyperball configs                      # the shipped configs: name and first comment line
     megatron-hyperball show NAME > my_run.yaml      # a shipped config's text, to copy and edit
     megatron-hyperball pretrain --config NAME|FILE [KEY=VALUE ...] [--check-only] [Megatron flags]
+    megatron-hyperball dashboard RUN_DIR [-o dashboard.png]   # TensorBoard files -> one PNG of the main panels
 
 ``pretrain`` is ``python -m megatron_hyperball.pretrain`` (:func:`megatron_hyperball.pretrain.entry.main`);
 under torchrun: ``torchrun --nproc-per-node 2 --no-python megatron-hyperball pretrain --config quickstart``.
@@ -70,6 +71,22 @@ def _show(args) -> int:
     return 0
 
 
+def _dashboard(args) -> int:
+    from megatron_hyperball import dashboard
+
+    output = args.output or str(Path(args.run_dir) / "dashboard.png")
+    try:
+        titles = dashboard.render(args.run_dir, output, title=args.title)
+    except dashboard.DashboardError as e:
+        print(f"megatron-hyperball dashboard: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except dashboard.MissingDependency as e:
+        print(f"megatron-hyperball dashboard: {e}", file=sys.stderr)
+        return 1
+    print(f"{output}: {len(titles)} panels ({', '.join(titles)})")
+    return 0
+
+
 def _pretrain(argv: Sequence[str]) -> int:
     from megatron_hyperball.pretrain.entry import main as entry_main
 
@@ -90,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a shipped config (megatron-hyperball show NAME > my_run.yaml)")
     show.add_argument("name", metavar="NAME", help="a shipped config's name (megatron-hyperball configs)")
     show.set_defaults(func=_show)
+    dash = sub.add_parser("dashboard", help="a run's main panels (loss, lr, indicators, spheres, MoE) as one PNG, "
+                                            "from its TensorBoard event files (needs matplotlib)")
+    dash.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or its TensorBoard folder, e.g. runs/quickstart")
+    dash.add_argument("-o", "--output", metavar="PNG", help="where to write the PNG (default: RUN_DIR/dashboard.png)")
+    dash.add_argument("--title", help="a title above the panels")
+    dash.set_defaults(func=_dashboard)
     sub.add_parser("pretrain", add_help=False,
                    help="the pretraining entry: pretrain --config NAME|FILE [KEY=VALUE ...] [--check-only] "
                         "[Megatron flags] (python -m megatron_hyperball.pretrain)")
