@@ -300,11 +300,11 @@ def test_invalid_config_under_torchrun(tmp_path):
 
 # -- the shipped configs ----------------------------------------------------------------------------
 def test_configs_pass_megatrons_validate_args(tmp_path):
-    """Every config through Megatron's parser and validate_args: AdamW / AdamH stay on the ZeRO-1
-    distributed optimizer, MuonH goes to the layer-wise optimizer, the hyperball name reaches the
-    optimizer factory, the lr is the LR law's, and --load = --save (resume)."""
+    """Every config through Megatron's parser and validate_args: AdamW / AdamH / AdamMD stay on the ZeRO-1
+    distributed optimizer, MuonH / MuonMD go to the layer-wise optimizer, the hyperball name (and MD's
+    gain options) reach the optimizer factory, the lr is the LR law's, and --load = --save (resume)."""
     configs = sorted((REPO_ROOT / "configs").glob("gpt_*.yaml"))
-    assert len(configs) == 9
+    assert len(configs) == 13
     out = tmp_path / "args.json"
     worker = REPO_ROOT / "tests" / "workers" / "pretrain_args_check.py"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -317,17 +317,50 @@ def test_configs_pass_megatrons_validate_args(tmp_path):
         assert r["lr"] == pytest.approx(r["resolved_lr"], rel=1e-12)
         assert r["load"] == r["save"] and r["save"].startswith("runs/")
         assert r["data_parallel_size"] == 16
-        if r["name"] in ("adamw", "adamh"):
-            megatron_name = {"adamw": "adam", "adamh": "adamh"}[r["name"]]
+        if r["name"] in ("adamw", "adamh", "adammd"):
+            megatron_name = {"adamw": "adam"}.get(r["name"], r["name"])
             assert (r["args_optimizer"], r["use_distributed_optimizer"], r["use_layer_wise_distributed_optimizer"]) \
                 == (megatron_name, True, False), r
             assert r["config_optimizer"] == megatron_name
         else:
             assert (r["args_optimizer"], r["use_distributed_optimizer"], r["use_layer_wise_distributed_optimizer"]) \
-                == ("muonh", False, True), r
-            assert r["config_optimizer"] == "muonh"
+                == (r["name"], False, True), r
+            assert r["config_optimizer"] == r["name"]
+        if r["name"].endswith("md"):  # seed 004's recipe
+            assert r["md"] == ["row_col", "softplus", 1e-3] and r["hyperball"] == ["sqrt_max_dim", "shape"], r
     assert result["gpt_125m_muonh.yaml"]["lr"] == pytest.approx(0.00642859, rel=1e-5)
+    # MD: eta0 * sqrt(B/B0) * (T/T0)^-0.25, no depth factor (d0 = depth)
+    assert result["gpt_125m_muonmd.yaml"]["lr"] == pytest.approx(0.01 * 0.5 * (4800 * 2**19 / 10.4e9) ** -0.25,
+                                                                 rel=1e-12)
+    assert result["gpt_350m_adammd.yaml"]["lr"] == pytest.approx(1e-3 * 0.5 * (13400 * 2**19 / 10.4e9) ** -0.25,
+                                                                 rel=1e-12)
     assert result["gpt_1.3b_adamw.yaml"]["lr"] == 2e-4
+
+
+@pytest.mark.parametrize("world,names", [(16, ("moe_d8_muonh_sqrtgate", "moe_seed004_muonmd")), (2, ("quickstart_moe",))])
+def test_moe_configs_pass_megatrons_validate_args(tmp_path, world, names):
+    """The MoE configs through Megatron's parser and validate_args: the MoE keys arrive (HyperP's global
+    aux loss at 0.1 for the SqrtGate recipe), the optimizer runs where it should, the lr is the law's."""
+    from megatron_hyperball.config import launch_problems, load_config
+
+    configs = [REPO_ROOT / "configs" / f"{n}.yaml" for n in names]
+    for path in configs:
+        assert launch_problems(load_config(path), world, cpu=path.stem.startswith("quickstart")) == [], path
+    out = tmp_path / "args.json"
+    worker = REPO_ROOT / "tests" / "workers" / "pretrain_args_check.py"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, str(worker), str(out), str(world), *map(str, configs)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for path in configs:
+        r = result[path.name]
+        assert r["lr"] == pytest.approx(r["resolved_lr"], rel=1e-12) and r["load"] == r["save"]
+        assert (r["use_distributed_optimizer"], r["use_layer_wise_distributed_optimizer"]) == (False, True), r
+        assert r["config_optimizer"] == r["name"] and r["data_parallel_size"] == world
+    if world == 16:
+        assert result["moe_d8_muonh_sqrtgate.yaml"]["lr"] == pytest.approx(0.00622527, rel=1e-5)
+        assert result["moe_seed004_muonmd.yaml"]["lr"] == pytest.approx(0.00374542, rel=1e-5)
 
 
 def test_launchers_print_the_command(tmp_path):
