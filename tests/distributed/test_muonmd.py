@@ -1,0 +1,164 @@
+"""MuonMD through Megatron's emerging-optimizer registry on the layer-wise layout, vs float64 seed 004.
+
+Every rank is fed the same synthetic full gradients; DP = 1 and 2 (layer-wise: whole matrices per
+rank, each rank stepping the gains of the matrices it owns) and TP = 2 (Megatron's TP-aware
+Newton-Schulz; gain sums over TP in the sphere scalars' all-reduce) must equal the float64
+reference (``helpers.MDReference`` around MuonH with the package's fp32 Newton-Schulz).
+
+Run: torchrun --nproc-per-node N -m pytest tests/distributed/test_muonmd.py  (N in WORLD_SIZES)
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_hyperball.mcore.tree import describe
+from tests.distributed.helpers import (
+    AllReduceCounter,
+    assert_rel_close,
+    build_hyperball,
+    fed_steps,
+    full_params,
+    is_sphere,
+    local_optimizer_state,
+    md_gains_by_name,
+    md_reference,
+    sharded_state,
+)
+
+WORLD_SIZES = (1, 2)
+STEPS, LR, GAIN_LR = 10, 0.02, 0.02
+
+
+def build_md(name="muonmd", steps=STEPS, **kw):
+    return build_hyperball(name, lr=LR, steps=steps, md_gain_lr=GAIN_LR, **kw)
+
+
+def all_gains(optimizer) -> dict:
+    """Every rank's gains (layer-wise: each rank holds its own matrices'), merged."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, md_gains_by_name(optimizer))
+    out = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+@pytest.mark.parametrize("update_norm", ["shape", "exact"])
+@pytest.mark.parametrize("dp,tp", [
+    pytest.param(1, 1, id="dp1", marks=pytest.mark.world_size(1)),
+    pytest.param(2, 1, id="dp2", marks=pytest.mark.world_size(2)),
+    pytest.param(1, 2, id="tp2", marks=pytest.mark.world_size(2)),
+])
+def test_muonmd_layer_wise_matches_reference(parallel, dp, tp, update_norm):
+    parallel(tp=tp)
+    ddp, optimizer, scheduler = build_md(hyperball_update_norm=update_norm)
+    lines = describe(optimizer)
+    assert any("TensorParallelMuonMD" in line for line in lines), lines
+    ok = fed_steps(ddp, optimizer, scheduler, range(STEPS))
+    params = full_params(ddp)
+    assert all(ok)
+    ref, ref_gains = md_reference({n: tuple(t.shape) for n, t in params.items()}, STEPS, LR, GAIN_LR,
+                                  base="muon", update_norm=update_norm)
+    # NS in fp32 of fp32 vs float64 momenta: agreement to fp32 rounding amplified by 5 NS steps
+    assert_rel_close(params, ref, 1e-5, f"MuonMD dp{dp} tp{tp} {update_norm}")
+    gains = all_gains(optimizer)
+    assert set(gains) == {n for n in params if is_sphere(n)}
+    moved = 0.0
+    for name, g in gains.items():
+        for side, key in (("row", "r"), ("col", "c")):
+            want = ref_gains[name][key]
+            err = ((g[side].double() - want).norm() / (want - 1).norm()).item()
+            assert err < 1e-3, (name, side, err)  # relative to the movement g - 1
+            moved = max(moved, (want - 1).abs().max().item())
+    assert moved > 0.02
+
+
+@pytest.mark.world_size(2)
+def test_gain_sums_add_bytes_not_all_reduces(parallel):
+    """TP = 2, layer-wise: MuonMD's step makes exactly MuonH's all-reduces, per group."""
+    parallel(tp=2)
+    counts = {}
+    for name in ("muonh", "muonmd"):
+        counter = AllReduceCounter()
+        ddp, optimizer, scheduler = build_md(name, steps=2)
+        fed_steps(ddp, optimizer, scheduler, range(2), counter=counter, count_step=1)
+        counts[name] = dict(counter.counts)
+    assert counts["muonmd"] == counts["muonh"], counts
+    assert sum(counts["muonmd"].values()) > 0
+
+
+def _save(ddp, optimizer, directory):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state(ddp, optimizer, False), str(directory),
+                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+
+
+def _load(ddp, optimizer, directory):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+
+    from megatron_hyperball.mcore.builders import unwrap
+
+    with torch.no_grad():
+        for p in ddp.parameters():
+            p.mul_(1.5)
+    loaded = dist_checkpointing.load(sharded_state(ddp, optimizer, True), str(directory),
+                                     sharded_strategy=get_default_load_sharded_strategy(str(directory)))
+    unwrap(ddp).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+
+
+@pytest.mark.world_size(2)
+def test_checkpoint_resume_is_bitwise_bf16(parallel, shared_tmp_path):
+    """bf16 layer-wise, DP = 2: 3 steps, torch_dist save, 3 more; a fresh build loads it and steps
+    the same 3: parameters, optimizer state and every rank's gains equal, bitwise."""
+    steps, at = 6, 3
+    parallel()
+    ddp, opt, sched = build_md(steps=steps, bf16=True)
+    fed_steps(ddp, opt, sched, range(at))
+    _save(ddp, opt, shared_tmp_path / "ckpt")
+    fed_steps(ddp, opt, sched, range(at, steps))
+    want = full_params(ddp), local_optimizer_state(opt), all_gains(opt)
+
+    parallel(seed=4321)
+    ddp, opt, sched = build_md(steps=steps, bf16=True)
+    _load(ddp, opt, shared_tmp_path / "ckpt")
+    sched.num_steps = at
+    fed_steps(ddp, opt, sched, range(at, steps))
+    got = full_params(ddp), local_optimizer_state(opt), all_gains(opt)
+    for w, g in zip(want[:2], got[:2]):
+        assert w.keys() == g.keys()
+        for k in w:
+            assert torch.equal(w[k], g[k]), k
+    assert want[2].keys() == got[2].keys() and want[2]
+    for name in want[2]:
+        for side in want[2][name]:
+            assert torch.equal(want[2][name][side], got[2][name][side]), (name, side)
+
+
+@pytest.mark.world_size(2)
+def test_muonh_checkpoint_needs_the_option(parallel, shared_tmp_path):
+    """A MuonH checkpoint loaded by MuonMD: refused naming md_allow_missing_gains; accepted with it.
+    (bf16: megatron-core 0.19.2's layer-wise torch_dist save of fp32 members fails, KeyError 'optimizer'.)"""
+    parallel()
+    ddp, opt, sched = build_md("muonh", steps=4, bf16=True)
+    fed_steps(ddp, opt, sched, range(2))
+    _save(ddp, opt, shared_tmp_path / "muonh")
+
+    parallel()
+    ddp, opt, _ = build_md(steps=4, bf16=True)
+    with pytest.raises(ValueError, match=r"no magnitude-direction gains.*md_allow_missing_gains=True"):
+        _load(ddp, opt, shared_tmp_path / "muonh")
+
+    parallel()
+    ddp, opt, sched = build_md(steps=4, bf16=True, md_allow_missing_gains=True)
+    with pytest.warns(UserWarning, match="those gains start at 1"):
+        _load(ddp, opt, shared_tmp_path / "muonh")
+    sched.num_steps = 2
+    assert all(fed_steps(ddp, opt, sched, range(2, 4)))
