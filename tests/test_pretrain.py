@@ -360,7 +360,7 @@ def test_moe_configs_pass_megatrons_validate_args(tmp_path, world, names):
         assert r["config_optimizer"] == r["name"] and r["data_parallel_size"] == world
     if world == 16:
         assert result["moe_d8_muonh_sqrtgate.yaml"]["lr"] == pytest.approx(0.00622527, rel=1e-5)
-        assert result["moe_seed004_muonmd.yaml"]["lr"] == pytest.approx(0.00374542, rel=1e-5)
+        assert result["moe_seed004_muonmd.yaml"]["lr"] == pytest.approx(0.00458719, rel=1e-5)
 
 
 def test_launchers_print_the_command(tmp_path):
