@@ -23,13 +23,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["Panel", "PANELS", "MissingDependency", "DashboardError", "read_scalars", "panels_with_data",
+__all__ = ["SECTIONS", "wandb_alias", "Panel", "PANELS", "MissingDependency", "DashboardError", "read_scalars", "panels_with_data",
            "render", "COLUMNS", "PANEL_SIZE", "DPI"]
 
 COLUMNS = 3
 PANEL_SIZE = (5.0, 3.2)   # inches per panel
 DPI = 100
 INSTALL_HINT = "pip install 'megatron-hyperball[dashboard]'  (or: pip install matplotlib)"
+
+
+#: The W&B sections. W&B groups panels by the name's first '/' part; Megatron's own scalars have
+#: none ("lm loss", "learning-rate", ...) and this plugin's sphere metrics are ``hyperball/...``, so
+#: W&B also receives each of them under a sectioned alias (:func:`wandb_alias`; TensorBoard keeps
+#: the original names only). ``indicators/...`` and ``moe/...`` are written sectioned already.
+SECTIONS = ("loss", "lr", "indicators", "spheres", "moe")
+_ALIASES = {
+    "lm loss": "loss/lm_loss",
+    "lm loss validation": "loss/validation",
+    "lm loss validation ppl": "loss/validation_ppl",
+    "grad-norm": "loss/grad_norm",
+    "learning-rate": "lr/learning_rate",
+    "load_balancing_loss": "moe/load_balancing_loss",
+    "global_load_balancing_loss": "moe/global_load_balancing_loss",
+    "seq_load_balancing_loss": "moe/seq_load_balancing_loss",
+    "z_loss": "moe/z_loss",
+}
+
+
+def wandb_alias(name: str) -> Optional[str]:
+    """The sectioned W&B name of a Megatron / sphere metric (None: already sectioned or unknown)."""
+    if name in _ALIASES:
+        return _ALIASES[name]
+    if name.startswith("hyperball/") and name.count("/") == 2:  # hyperball/<quantity>/<type>
+        return "spheres/" + name[len("hyperball/"):]
+    return None
 
 
 class DashboardError(ValueError):

@@ -157,3 +157,30 @@ def test_dashboard_bad_input_and_missing_matplotlib(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert r.returncode == 1
     assert "needs matplotlib" in r.stderr and "pip install 'megatron-hyperball[dashboard]'" in r.stderr
+
+
+# -- W&B sections ---------------------------------------------------------------------------------
+def test_wandb_writer_logs_sectioned_aliases_beside_the_original_names():
+    from megatron_hyperball.dashboard import SECTIONS, wandb_alias
+    from megatron_hyperball.patches.training import _SectionedWandb
+
+    class FakeWandb:
+        def __init__(self):
+            self.calls, self.config = [], {"x": 1}
+
+        def log(self, data, step=None):
+            self.calls.append((data, step))
+
+    fake = FakeWandb()
+    writer = _SectionedWandb(fake)
+    writer.log({"lm loss": 2.5}, 7)
+    writer.log({"hyperball/weight_norm/qkv": 3.0, "indicators/router_z/mean": 1.5, "learning-rate": 0.01}, 8)
+    assert fake.calls == [
+        ({"lm loss": 2.5, "loss/lm_loss": 2.5}, 7),
+        ({"hyperball/weight_norm/qkv": 3.0, "indicators/router_z/mean": 1.5, "learning-rate": 0.01,
+          "spheres/weight_norm/qkv": 3.0, "lr/learning_rate": 0.01}, 8),
+    ]
+    assert writer.config == {"x": 1}  # everything else is the wandb module's
+    for name in ("lm loss validation", "grad-norm", "global_load_balancing_loss", "hyperball/grad_norm/router"):
+        assert wandb_alias(name).split("/")[0] in SECTIONS
+    assert wandb_alias("indicators/router_z/mean") is None and wandb_alias("moe/maxvio/layer_02") is None

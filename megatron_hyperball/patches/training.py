@@ -166,6 +166,55 @@ register(Patch(
 ))
 
 
+class _SectionedWandb:
+    """Megatron's W&B writer (the ``wandb`` module) whose ``log`` also writes each known metric under
+    its sectioned alias (``dashboard.wandb_alias``); everything else is passed through."""
+
+    def __init__(self, wandb):
+        self._wandb = wandb
+
+    def log(self, data, *args, **kwargs):
+        from megatron_hyperball.dashboard import wandb_alias
+
+        if isinstance(data, dict):
+            aliases = {a: v for k, v in data.items() if (a := wandb_alias(k)) is not None and a not in data}
+            if aliases:
+                data = {**data, **aliases}
+        return self._wandb.log(data, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._wandb, name)
+
+
+def _install_wandb_sections() -> None:
+    from megatron.training import global_vars
+
+    original = global_vars._set_wandb_writer
+
+    @functools.wraps(original)
+    def _set_wandb_writer(args):
+        original(args)
+        writer = global_vars._GLOBAL_WANDB_WRITER
+        if writer is not None and not isinstance(writer, _SectionedWandb):
+            global_vars._GLOBAL_WANDB_WRITER = _SectionedWandb(writer)
+
+    replace(global_vars, "_set_wandb_writer", _set_wandb_writer)
+
+
+register(Patch(
+    name="wandb_sections",
+    target="megatron.training.global_vars._set_wandb_writer",
+    versions=VERSIONS,
+    group="training",
+    why="W&B groups panels into sections by the first '/' of a name; Megatron's scalars ('lm loss', "
+        "'learning-rate', 'grad-norm', its MoE losses) have none and land in one flat 'Charts' list. The writer "
+        "Megatron stores (the wandb module) is wrapped so each such metric, and the sphere metrics hyperball/*, "
+        "is also logged under a sectioned alias (loss/, lr/, spheres/, moe/; dashboard.wandb_alias) in the same "
+        "wandb.log call. The original names stay (TensorBoard and W&B), so nothing that reads them changes.",
+    install=_install_wandb_sections,
+))
+
+
 AFTER_CHECKPOINT_SAVE: list = []
 """Callables ``fn(iteration)`` run on every rank after each persistent checkpoint save of the
 training loop has returned (the entry writes the resolved config beside the checkpoint there)."""
