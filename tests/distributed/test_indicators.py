@@ -209,21 +209,27 @@ def run_step(ddp, opt, indicators, iteration, counts=None):
     return result
 
 
-class FakeWriter:
-    def __init__(self):
-        self.scalars = {}
+class RecordingWriter:
+    """Megatron's TensorBoard writer for the test: a real SummaryWriter that also records the names."""
+
+    def __init__(self, tb_dir):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir, self.tb, self.scalars = tb_dir, SummaryWriter(str(tb_dir)), {}
 
     def add_scalar(self, name, value, step):
         self.scalars[name] = (value, step)
+        self.tb.add_scalar(name, value, step)
 
 
 @pytest.fixture
-def writer(monkeypatch):
+def writer(monkeypatch, tmp_path):
     from megatron.training import global_vars
 
-    fake = FakeWriter()
-    monkeypatch.setattr(global_vars, "_GLOBAL_TENSORBOARD_WRITER", fake)
-    return fake
+    recording = RecordingWriter(tmp_path / "run" / "tensorboard")
+    monkeypatch.setattr(global_vars, "_GLOBAL_TENSORBOARD_WRITER", recording)
+    yield recording
+    recording.tb.close()
 
 
 def test_indicators_match_float64_reference_on_the_same_step(parallel, writer):
@@ -298,6 +304,17 @@ def test_indicators_match_float64_reference_on_the_same_step(parallel, writer):
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in ddp.modules())
     assert hooks == len(cap.handles)
     cap.remove()
+
+    # the dashboard of this run's TensorBoard folder: one panel per indicator family + grad norms
+    pytest.importorskip("matplotlib")
+    from megatron_hyperball import dashboard
+
+    writer.tb.flush()
+    titles = dashboard.render(writer.dir.parent, writer.dir.parent / "dashboard.png")
+    assert [t.split("] ")[1].split(":")[0] for t in titles] == [
+        "grad norm (before clipping)", "router Z", "attention Z", "output RMS, attention (after alpha)",
+        "output RMS, MLP / MoE (after alpha)", "outliers", "MaxVio"]
+    assert (writer.dir.parent / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("optimizer,layer_wise", [("adamh", False), ("muonh", True)])
