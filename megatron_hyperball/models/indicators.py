@@ -44,20 +44,25 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _count(like: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` as a float64 scalar on ``like``'s device, without a host-to-device copy (a fill kernel:
+    ``torch.tensor(n, device='cuda')`` would synchronise the host)."""
+    return like.new_full((), float(n), dtype=torch.float64)
+
+
 def z_partials(logits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(sum of logsumexp(logits, -1)^2, number of rows) in float64; ``valid`` (bool, the logits'
-    shape without the last axis) keeps only those rows."""
-    lse = torch.logsumexp(_f32(logits), dim=-1)
-    if valid is not None:
-        lse = lse[valid.reshape(lse.shape)]
-    return torch.stack([lse.double().square().sum(), torch.tensor(float(lse.numel()), dtype=torch.float64,
-                                                                   device=lse.device)])
+    shape without the last axis) keeps only those rows (by weighting: no host sync)."""
+    lse2 = torch.logsumexp(_f32(logits), dim=-1).double().square()
+    if valid is None:
+        return torch.stack([lse2.sum(), _count(lse2, lse2.numel())])
+    keep = valid.reshape(lse2.shape).to(lse2.dtype)
+    return torch.stack([(lse2 * keep).sum(), keep.sum()])
 
 
 def rms_partials(y: torch.Tensor) -> torch.Tensor:
     """(sum y^2, number of elements) in float64."""
-    return torch.stack([_f32(y).square().sum(dtype=torch.float64),
-                        torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
+    return torch.stack([_f32(y).square().sum(dtype=torch.float64), _count(y, y.numel())])
 
 
 def outlier_partials(h: torch.Tensor, sigmas: float = OUTLIER_SIGMAS) -> torch.Tensor:
@@ -68,7 +73,7 @@ def outlier_partials(h: torch.Tensor, sigmas: float = OUTLIER_SIGMAS) -> torch.T
     mean = x.mean(dim=-1, keepdim=True)
     std = x.std(dim=-1, correction=0, keepdim=True)
     count = ((x - mean).abs() > sigmas * std).sum(dtype=torch.float64)
-    return torch.stack([count, torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+    return torch.stack([count, _count(x, x.numel())])
 
 
 def expert_loads(routing_map: torch.Tensor) -> torch.Tensor:
