@@ -368,3 +368,46 @@ def test_bad_gain_options_are_refused(cls):
     for bad in (0.0, -1e-3, float("nan"), float("inf"), "1e-3", True):
         with pytest.raises(ValueError, match=r"gain_lr=.*allowed: a positive finite number"):
             cls([p], gain_lr=bad)
+
+
+@pytest.mark.parametrize("cls", [AdamMD, MuonMD])
+def test_gains_only_on_spheres_and_one_mode(cls):
+    """A param group off the sphere asking for gains, or a group asking for another gain mode, is
+    refused at construction (before any step), naming the group, the option and the allowed values."""
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"param group 0 asks for gains='col'.*allowed: 'row_col'"):
+        cls([{"params": [a], "gains": "col"}])
+    if cls is AdamMD:  # MuonMD (as MuonH) refuses any group off the sphere already
+        with pytest.raises(ValueError, match=r"param group 1 asks for gains='row'.*not on a sphere.*allowed on this group: gains='none'"):
+            cls([{"params": [a]}, {"params": [b], "sphere": False, "gains": "row"}])
+        cls([{"params": [a], "gains": "row_col"}, {"params": [b], "sphere": False, "gains": "none"}])  # fine
+    with pytest.raises(ValueError, match=r"gain betas=.*allowed: each in \[0, 1\)"):
+        MagnitudeDirectionHook(betas=(0.9, 1.0))
+
+
+@pytest.mark.parametrize("cls,base", [(AdamMD, AdamH), (MuonMD, None)])
+def test_checkpoint_without_gains(cls, base):
+    """An AdamH / MuonH state dict (no gains) loaded by AdamMD / MuonMD is refused naming
+    md_allow_missing_gains; with allow_missing_gains=True the gains start at 1 (W = V), with a
+    warning, and the next step equals a fresh MD optimizer's first gain step."""
+    from megatron_hyperball.optim import MuonH
+
+    base = base or MuonH
+    kw = {"fp32_matmul_prec": "highest"} if cls is MuonMD else {}
+    torch.manual_seed(0)
+    w0 = torch.randn(8, 6)
+    h = base([torch.nn.Parameter(w0.clone())], lr=LR, **kw)
+    h.param_groups[0]["params"][0].grad = torch.randn(8, 6)
+    h.step()
+    saved = copy.deepcopy(h.state_dict())
+    p = torch.nn.Parameter(w0.clone())
+    with pytest.raises(ValueError, match=r"no magnitude-direction gains for 1 matrices.*md_allow_missing_gains=True"):
+        cls([p], lr=LR, **kw).load_state_dict(copy.deepcopy(saved))
+    md = cls([p], lr=LR, gain_lr=GAIN_LR, allow_missing_gains=True, **kw)
+    with pytest.warns(UserWarning, match="md_allow_missing_gains=True: those gains start at 1"):
+        md.load_state_dict(copy.deepcopy(saved))
+    p.grad = torch.randn(8, 6)
+    md.step()
+    g = _stored_gains(md, p)
+    assert md.md_hook.steps.tolist() == [1.0]  # the gains' own Adam starts at step 1
+    assert all((v - 1).abs().max() > 0 for v in g.values())
