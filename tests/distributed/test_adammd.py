@@ -41,7 +41,7 @@ def layout(dp, tp=1):
 
 
 def build_md(name="adammd", steps=STEPS, **kw):
-    return build(name, lr=LR, steps=steps, md_gain_lr=GAIN_LR, **kw)
+    return build(name, lr=LR, steps=steps, **{"md_gain_lr": GAIN_LR, **kw})
 
 
 def partial_rows(optimizer) -> bool:
@@ -231,3 +231,19 @@ def test_dp1_leg(parallel):
     sched.num_steps = at
     fed_steps(ddp, opt, sched, range(at, steps))
     torch.save({"params": full_params(ddp), "gains": md_gains_by_name(opt)}, Path(RESHARD) / "dp1.pt")
+
+
+@pytest.mark.world_size(1)
+def test_bad_md_options_refused_before_any_step(parallel):
+    """Each refused while building the optimizer, naming the option and the allowed values."""
+    parallel()
+    cases = {
+        "gains": (dict(md_gains="rows"), r"md_\*: gains='rows'; allowed: row_col, row, col, scalar, none"),
+        "gain_lr": (dict(md_gain_lr=0.0), r"gain_lr=0.0; allowed: a positive finite number"),
+        "parametrization": (dict(md_gain_parametrization="exp"), r"gain_parametrization='exp'; allowed: softplus, direct"),
+        "allow_missing": (dict(md_allow_missing_gains="yes"), r"md_allow_missing_gains='yes'; allowed: True, False"),
+        "output_layer": (dict(hyperball_output_layer=True), r"hyperball_output_layer=True is for adamh.*allowed with adammd: False"),
+    }
+    for case, (changes, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            build_md(**changes)
