@@ -49,6 +49,8 @@ def main(out, world_size, paths):
             "use_distributed_optimizer": bool(args.use_distributed_optimizer),
             "use_layer_wise_distributed_optimizer": bool(args.use_layer_wise_distributed_optimizer),
             "config_optimizer": opt_config.optimizer,
+            "md": [getattr(opt_config, f, None) for f in ("md_gains", "md_gain_parametrization", "md_gain_lr")],
+            "hyperball": [getattr(opt_config, f, None) for f in ("hyperball_radius", "hyperball_update_norm")],
             "lr": args.lr,
             "resolved_lr": cfg.resolved_lr(),
             "load": args.load,
