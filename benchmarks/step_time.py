@@ -1,4 +1,5 @@
-"""Step-time benchmark: Megatron's Adam vs AdamH, Megatron's Muon vs MuonH, same process, same run.
+"""Step-time benchmark: Megatron's Adam vs AdamH and AdamMD, Megatron's Muon vs MuonH and MuonMD, same
+process, same run.
 
     python benchmarks/step_time.py --preset tiny            # CPU (gloo + compat layer), 1 rank
     python benchmarks/step_time.py --preset 218m --device cuda   # one GPU (nccl), bf16
@@ -6,9 +7,10 @@
 For each optimizer it builds a fresh Megatron GPTModel (local spec) + DDP + optimizer through
 ``get_megatron_optimizer``, runs warm-up steps, then times ``optimizer.step()`` and the whole
 training step (forward, backward, grad sync, step) over the timed steps, and prints a table of
-medians and the ratio of each hyperball optimizer to its Megatron base. Adam pairs run on the
-ZeRO-1 DistributedOptimizer, Muon pairs on Megatron's layer-wise optimizer (bf16, as Megatron
-supports it). Nothing is asserted: it prints numbers.
+medians and the ratio of each hyperball / magnitude-direction optimizer to its Megatron base. The
+Adam group runs on the ZeRO-1 DistributedOptimizer, the Muon group on Megatron's layer-wise
+optimizer (bf16, as Megatron supports it); AdamMD / MuonMD use their defaults (row_col gains,
+softplus). Nothing is asserted: it prints numbers.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ PRESETS = {
     "218m": dict(num_layers=12, hidden_size=1024, num_attention_heads=16, seq_length=1024, micro_batch=8,
                  vocab_size=50304),
 }
-PAIRS = [("adam", "adamh"), ("muon", "muonh")]
+GROUPS = [("adam", "adamh", "adammd"), ("muon", "muonh", "muonmd")]  # the Megatron base first
 
 
 def sync(device):
@@ -62,7 +64,7 @@ def build_one(name, preset, args):
     tag_position_embeddings(model)
     ddp = wrap_ddp(model, use_distributed_optimizer=True, layer_wise=muon)
     config = OptimizerConfig(
-        optimizer=name, lr=1e-3, weight_decay=0.0 if name.endswith("h") else 0.1, clip_grad=1.0,
+        optimizer=name, lr=1e-3, weight_decay=0.0 if name.endswith(("h", "md")) else 0.1, clip_grad=1.0,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=True, use_layer_wise_distributed_optimizer=muon,
         muon_nesterov=True,
@@ -116,7 +118,8 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--bf16", action="store_true", help="bf16 for the Adam pair too (Muon pairs always bf16)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 for the Adam group too (the Muon group always bf16)")
+    ap.add_argument("--only", default=None, help="comma-separated optimizer names to run (default: all)")
     args = ap.parse_args()
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -129,7 +132,7 @@ def main():
         from megatron_hyperball.compat import enable_cpu
 
         enable_cpu()
-    import megatron_hyperball  # noqa: F401  registers adamh / muonh
+    import megatron_hyperball  # noqa: F401  registers adamh / muonh / adammd / muonmd
     from megatron_hyperball.compat import backends
     from megatron_hyperball.mcore.builders import init_parallel
 
@@ -138,15 +141,20 @@ def main():
     dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {dev}; torch {torch.__version__}; preset {args.preset} {preset}; "
           f"backends {backends()}; {args.steps} timed steps after {args.warmup} warm-up, medians")
+    only = None if args.only is None else set(args.only.split(","))
+    groups = [(base, *[n for n in rest if only is None or n in only]) for base, *rest in GROUPS]
+    groups = [g for g in groups if len(g) > 1]
     rows = {}
-    for pair in PAIRS:
-        rows.update(bench(pair, preset, args))
+    for group in groups:
+        rows.update(bench(group, preset, args))
     print("| optimizer | opt step ms | full step ms | opt step ratio | full step ratio |")
     print("|---|---:|---:|---:|---:|")
-    for base, hyper in PAIRS:
-        b, h = rows[base], rows[hyper]
+    for base, *others in groups:
+        b = rows[base]
         print(f"| {base} (Megatron) | {b[0]:.2f} | {b[1]:.2f} | 1.00 | 1.00 |")
-        print(f"| {hyper} | {h[0]:.2f} | {h[1]:.2f} | {h[0] / b[0]:.2f} | {h[1] / b[1]:.3f} |")
+        for name in others:
+            h = rows[name]
+            print(f"| {name} | {h[0]:.2f} | {h[1]:.2f} | {h[0] / b[0]:.2f} | {h[1] / b[1]:.3f} |")
     dist.destroy_process_group()
 
 
