@@ -508,7 +508,8 @@ class MDReference:
         g = self.gains()
         return g["r"][:, None] * g["c"][None, :]
 
-    def step(self, grad):
+    def step(self, grad, lr_factor: float = 1.0):
+        """One step; ``lr_factor``: the schedule's lr / max_lr, for V's lr and the gains' alike."""
         grad = grad.double()
         g = self.gains()
         outer = self._outer()
@@ -516,7 +517,10 @@ class MDReference:
         p = v * grad
         dg = {"r": (p * g["c"][None, :]).sum(1), "c": (p * g["r"][:, None]).sum(0)}
         self.base.w = v
-        self.base.step(grad * outer)
+        if lr_factor == 1.0:
+            self.base.step(grad * outer)
+        else:
+            self.base.step(grad * outer, lr=self.base.lr * lr_factor)
         b1, b2 = self.betas
         self.t += 1
         for s in self.raw:
@@ -524,7 +528,7 @@ class MDReference:
             self.mom[s] = b1 * self.mom[s] + (1 - b1) * d
             self.sq[s] = b2 * self.sq[s] + (1 - b2) * d * d
             m_hat, v_hat = self.mom[s] / (1 - b1**self.t), self.sq[s] / (1 - b2**self.t)
-            self.raw[s] = self.raw[s] - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+            self.raw[s] = self.raw[s] - self.lr * lr_factor * m_hat / (v_hat.sqrt() + self.eps)
         self.w = self._outer() * self.base.w
         return self.w
 

@@ -98,6 +98,7 @@ def test_gain_sums_add_bytes_not_all_reduces(parallel):
         ddp, optimizer, scheduler = build_md(name, steps=2)
         fed_steps(ddp, optimizer, scheduler, range(2), counter=counter, count_step=1)
         counts[name] = dict(counter.counts)
+    print(f"rank {dist.get_rank()}: all-reduces of one step by group ranks: {counts}")
     assert counts["adammd"] == counts["adamh"], counts
     assert sum(counts["adammd"].values()) > 0
 
@@ -247,3 +248,36 @@ def test_bad_md_options_refused_before_any_step(parallel):
     for case, (changes, message) in cases.items():
         with pytest.raises(ValueError, match=message):
             build_md(**changes)
+
+
+@pytest.mark.world_size(2)
+def test_gain_lr_follows_megatrons_schedule(parallel):
+    """Megatron's OptimizerParamScheduler (warm-up 2 steps from 0, linear decay to 0.1 lr): V's lr
+    and the gains' lr both follow lr_t / max_lr (the gains' peak is gain_lr), DP = 2."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from tests.distributed.helpers import AdamHReference, MDReference, grad, initial
+
+    parallel()
+    ddp, optimizer, _ = build_md(min_lr=0.1 * LR)  # the groups carry max_lr = lr and this min_lr
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=LR, min_lr=0.1 * LR, lr_warmup_steps=2, lr_decay_steps=STEPS,
+        lr_decay_style="linear", start_wd=0.0, end_wd=0.0, wd_incr_steps=STEPS, wd_incr_style="constant")
+    factors = []
+    for step in range(STEPS):
+        # the lr this step runs at: what fed_steps' scheduler.step(1) sets, read off a sphere group
+        fed_steps(ddp, optimizer, scheduler, [step])
+        group = next(g for leaf in leaves(optimizer) for g in inner(leaf).param_groups if g.get("sphere"))
+        factors.append(group["lr"] / group["max_lr"])
+    assert factors[0] == 0.5 and min(factors) < 0.3  # warm-up, then decay: the factor really moves
+    params, gains = full_params(ddp), md_gains_by_name(optimizer)
+    for name in gains:
+        shape = tuple(params[name].shape)
+        w0 = initial(name, shape).double()
+        ref = MDReference(w0, AdamHReference(w0, LR), GAIN_LR)
+        for t, f in enumerate(factors):
+            ref.step(grad(name, shape, t), lr_factor=f)
+        assert ((params[name].double() - ref.w).norm() / ref.w.norm()).item() < 2e-6, name
+        for side, key in (("row", "r"), ("col", "c")):
+            want = ref.gains()[key]
+            assert ((gains[name][side].double() - want).norm() / (want - 1).norm()).item() < 1e-4, (name, side)

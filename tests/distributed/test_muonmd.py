@@ -84,6 +84,7 @@ def test_gain_sums_add_bytes_not_all_reduces(parallel):
         ddp, optimizer, scheduler = build_md(name, steps=2)
         fed_steps(ddp, optimizer, scheduler, range(2), counter=counter, count_step=1)
         counts[name] = dict(counter.counts)
+    print(f"rank {dist.get_rank()}: all-reduces of one step by group ranks: {counts}")
     assert counts["muonmd"] == counts["muonh"], counts
     assert sum(counts["muonmd"].values()) > 0
 
