@@ -37,7 +37,7 @@ from megatron_hyperball.mcore.muon_tp import TensorParallelMuonH
 from megatron_hyperball.mcore.options import hyperball_options
 from megatron_hyperball.mcore.reduce import Reduction, all_reduce_partials_, group_rank, group_size
 from megatron_hyperball.mcore.roles import is_sphere_param, named_params
-from megatron_hyperball.mcore.sphere_index import build_index, full_shape
+from megatron_hyperball.mcore.sphere_index import build_index, full_shape, sphere_keys
 from megatron_hyperball.optim import AdamH, AdamMD
 from megatron_hyperball.optim.sphere import fixed_radius
 
@@ -226,6 +226,7 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
     if info.muon:
         _check_muon_layout(config, model_chunks)
     prepare_model_spheres(spheres, param_names, hb.radius, pg_collection)
+    keys = sphere_keys(model_chunks)  # checkpointed hook state (radius, gains) by whole-model name
 
     overrides = dict(get_standard_config_overrides(config) if config_overrides is None else config_overrides)
     on_sphere = ParamWithNamePredicate(name="hyperball_sphere", fn=lambda p, _n: p in sphere_set)
@@ -236,7 +237,7 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         opt = original(adam_config, model_chunks, overrides, use_gloo_process_groups, pg_collection,
                        dump_param_to_param_group_map)
         for leaf in tree.leaves(opt):
-            _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names, md=info.md)
+            _install_adamh(leaf, config, hb, sphere_set, pg_collection, keys, md=info.md)
         return opt
 
     registered = "muonmd" if info.md else "muonh"
@@ -247,7 +248,7 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
     for leaf in tree.leaves(opt):
         muon = tree.inner(leaf)
         if isinstance(muon, TensorParallelMuonH):
-            muon.set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection, param_names))
+            muon.set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection, keys))
             if info.md:
                 muon.md_hook.layout = gain_layout(leaf, sphere_set, pg_collection)
     return opt

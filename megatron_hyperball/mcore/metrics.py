@@ -49,7 +49,8 @@ import torch.distributed as dist
 
 from megatron_hyperball.mcore import tree
 from megatron_hyperball.mcore.reduce import Reduction, all_reduce_partials_, group_rank
-from megatron_hyperball.mcore.roles import MATRIX_TYPES, named_params, role_of
+from megatron_hyperball.mcore.roles import MATRIX_TYPES, role_of
+from megatron_hyperball.mcore.sphere_index import sphere_keys
 
 __all__ = ["MATRIX_TYPES", "MD_METRICS", "metric_names", "HyperballMetrics", "install"]
 
@@ -155,7 +156,7 @@ class HyperballMetrics:
                 self.params.append(p)
                 self.kinds.append(kind)
         # magnitude-direction gains of each matrix (None: plain sphere / Adam matrix)
-        md = _md_gains(optimizer, named_params(model_chunks))
+        md = _md_gains(optimizer, sphere_keys(model_chunks))  # the sphere index's keys
         self.gains: list[Optional[_Gains]] = [md.get(p) for p in self.params]
         present_md = [float(any(g is not None for g, k in zip(self.gains, self.kinds) if k == t))
                       for t in MATRIX_TYPES]

@@ -163,3 +163,24 @@ def test_muonh_checkpoint_needs_the_option(parallel, shared_tmp_path):
         _load(ddp, opt, shared_tmp_path / "muonh")
     sched.num_steps = 2
     assert all(fed_steps(ddp, opt, sched, range(2, 4)))
+
+
+@pytest.mark.world_size(2)
+def test_hook_state_keys_are_whole_model_names(parallel):
+    """PP = 2: each stage's spheres are keyed by their global names (stage 1's local layer 0 is
+    decoder.layers.1), so the layer-wise optimizer's merge of every rank's hook state (gains, held
+    radius) never mixes two matrices."""
+    from megatron_hyperball.mcore.tree import inner, leaves
+    from tests.distributed.helpers import global_names
+
+    parallel(pp=2)
+    ddp, optimizer, _ = build_md()
+    mine = set()
+    for leaf in leaves(optimizer):
+        index = getattr(inner(leaf), "sphere_index", None)
+        if callable(index):
+            mine |= {index().key(k) for k in range(index().num_spheres)}
+    assert mine == {n for n in global_names(ddp) if is_sphere(n)}
+    parts = [None, None]
+    dist.all_gather_object(parts, sorted(mine))
+    assert not set(parts[0]) & set(parts[1]) and len(parts[0]) + len(parts[1]) == 8
