@@ -184,3 +184,31 @@ def test_wandb_writer_logs_sectioned_aliases_beside_the_original_names():
     for name in ("lm loss validation", "grad-norm", "global_load_balancing_loss", "hyperball/grad_norm/router"):
         assert wandb_alias(name).split("/")[0] in SECTIONS
     assert wandb_alias("indicators/router_z/mean") is None and wandb_alias("moe/maxvio/layer_02") is None
+
+
+# -- through the entry ------------------------------------------------------------------------------
+def test_entry_logs_the_indicators_on_logging_steps_only(tmp_path):
+    """quickstart_moe (4 MoE layers, EP = 2, 2 ranks) for 4 steps, indicators every 2: Megatron's
+    TensorBoard gets exactly the documented names, at steps 2 and 4 only (the train_step patch),
+    and the per-type gradient norms add up to Megatron's grad-norm but for the 1-D parameters."""
+    from megatron_hyperball.mcore.roles import MATRIX_TYPES
+    from tests.conftest import tb_scalars
+
+    tb_dir = tmp_path / "tb"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(REPO_ROOT, "scripts", "pretrain_gpt.py"), "--config", "configs/quickstart_moe.yaml",
+           "checkpoint.save=null", "schedule.train_iters=4", "schedule.eval_interval=4", "schedule.eval_iters=1",
+           "logging.log_interval=2", "logging.metrics_interval=2", f"logging.tensorboard_dir={tb_dir}",
+           "logging.wandb.mode=disabled", f"data.embedded_dir={tmp_path / 'data'}", "data.embedded_max_mb=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    tb = tb_scalars(tb_dir)
+    ours = {t for t in tb if t.startswith(("indicators/", "moe/", "hyperball/grad_norm/"))}
+    # quickstart_moe: 4 layers, all MoE, local attention spec on CPU, every matrix type present
+    assert ours == set(ind.indicator_names(4, moe_layers=[1, 2, 3, 4], grad_types=MATRIX_TYPES))
+    assert all(sorted(tb[t]) == [2, 4] for t in ours)
+    for step in (2, 4):
+        typed = math.sqrt(sum(tb[f"hyperball/grad_norm/{k}"][step] ** 2 for k in MATRIX_TYPES))
+        assert 0.9 * tb["grad-norm"][step] < typed <= tb["grad-norm"][step] * (1 + 1e-5)
