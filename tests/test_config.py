@@ -478,10 +478,11 @@ def test_launch_problems():
     assert "8 is not divisible by schedule.micro_batch_size * data-parallel size = 2 * 3" in \
         problems["schedule.global_batch_size"]
     moe = "model.moe={num_experts: 4, sqrt_gate: true, router_sphere: row, token_dispatcher: alltoall}"
-    assert paths(cfg_of(moe, "model.transformer_impl=transformer_engine", "precision=fp16"), 2) == [
+    shape = "optimizer.update_norm=shape"  # row spheres need exact update norms
+    assert paths(cfg_of(moe, shape, "model.transformer_impl=transformer_engine", "precision=fp16"), 2) == [
         "model.moe.router_sphere", "model.transformer_impl", "precision", "model.moe.token_dispatcher"]
     have_te = importlib.util.find_spec("transformer_engine") is not None
-    assert paths(cfg_of(moe, "model.transformer_impl=transformer_engine", "precision=fp16"), 2, cpu=False) == [
+    assert paths(cfg_of(moe, shape, "model.transformer_impl=transformer_engine", "precision=fp16"), 2, cpu=False) == [
         "model.moe.router_sphere"] + ([] if have_te else ["model.transformer_impl"])
     # the machine is asked (cpu as a callable) only when a choice depends on it
     asked = []
@@ -646,8 +647,9 @@ def test_trainer_optimizer_config_and_param_groups(megatron_parsed):
 
 
 def test_router_sphere_default_follows_the_optimizer_and_none_is_not_ignored():
-    """frobenius by default under adamh / muonh (HyperP); 'none' runs (the entry tags the router off
-    the sphere: tests/distributed/test_moe_experts.py); 'row' is refused, naming the allowed modes."""
+    """frobenius by default under adamh / muonh (HyperP); 'none' and 'row' run (the entry tags the
+    router: tests/distributed/test_moe_experts.py); 'row' is refused with MD, non-sphere optimizers and
+    update_norm shape, naming the allowed modes."""
     from megatron_hyperball.config import launch_problems
 
     cfg = cfg_of("optimizer.name=muonh", "model.moe={num_experts: 4}")
@@ -657,9 +659,14 @@ def test_router_sphere_default_follows_the_optimizer_and_none_is_not_ignored():
     for opt in ("adamh", "muonh", "adamw"):
         cfg = cfg_of(f"optimizer.name={opt}", "model.moe={num_experts: 4, router_sphere: none}")
         assert launch_problems(cfg, 1, cpu=True) == [] and cfg.model.moe.resolved_router_sphere(True) == "none"
-    problems = dict(launch_problems(cfg_of("model.moe={num_experts: 4, router_sphere: row}"), 1, cpu=True))
-    assert "'row'" in problems["model.moe.router_sphere"]
-    assert problems["model.moe.router_sphere"].endswith("allowed: frobenius, none")
+    for opt in ("adamh", "muonh"):
+        assert launch_problems(cfg_of(f"optimizer.name={opt}", "model.moe={num_experts: 4, router_sphere: row}"),
+                               1, cpu=True) == []
+    for bad in (["optimizer.name=adamw"], ["optimizer.name=muonmd", "optimizer.gains=col"], ["optimizer.update_norm=shape"]):
+        problems = dict(launch_problems(cfg_of(*bad, "model.moe={num_experts: 4, router_sphere: row}"), 1, cpu=True))
+        assert "'row'" in problems["model.moe.router_sphere"], bad
+        assert problems["model.moe.router_sphere"].endswith(
+            "allowed: frobenius, none (row: with adamh / muonh and update_norm exact)"), bad
     err = str(error_of("model.moe={num_experts: 4, router_sphere: rows}"))
     assert "model.moe.router_sphere" in err and "'frobenius'" in err and "'row'" in err and "'none'" in err
 

@@ -48,15 +48,18 @@ def _layout_problems(cfg: HyperballConfig, world_size: int) -> list[tuple[str, s
 def _not_implemented(cfg: HyperballConfig) -> list[tuple[str, str]]:
     p = []
     moe = cfg.model.moe
-    if moe is not None and moe.router_sphere == "row":
-        # one tensor holding several spheres (per-row sums on ZeRO-1 shards) is not built yet
-        p.append(("model.moe.router_sphere", "'row' (each expert's routing vector on its own sphere) is not "
-                                             "implemented in this release; allowed: frobenius, none"))
+    opt = cfg.optimizer
+    if moe is not None and moe.router_sphere == "row" and (opt.md or not opt.sphere or opt.update_norm == "shape"):
+        # row spheres: AdamH / MuonH in exact mode only (the MD gains and the shape factor assume one
+        # sphere per matrix)
+        why = (f"optimizer '{opt.name}'" + (" with optimizer.update_norm 'shape'" if opt.update_norm == "shape" else ""))
+        p.append(("model.moe.router_sphere", f"'row' (each expert's routing vector on its own unit sphere) is "
+                                             f"not available with {why}; allowed: frobenius, none (row: with "
+                                             f"adamh / muonh and update_norm exact)"))
     # megatron-core 0.19.2's layer-wise optimizer in fp32 (checked on CPU): Muon fails when the
     # optimizer is built (ChainedOptimizer's config assert); MuonH trains but its first checkpoint
     # save fails (the fp32 members are FP32Optimizers, whose sharded state dict has no 'optimizer'
     # key, which LayerWiseDistributedOptimizer.sharded_state_dict reads)
-    opt = cfg.optimizer
     if cfg.precision == "fp32" and opt.muon_family and cfg.parallelism.distributed_optimizer:
         if opt.name == "muon":
             p.append(("precision", "fp32 with optimizer 'muon' on Megatron's layer-wise optimizer fails in "

@@ -36,7 +36,7 @@ from megatron_hyperball.mcore.coords import param_blocks
 from megatron_hyperball.mcore.muon_tp import TensorParallelMuonH
 from megatron_hyperball.mcore.options import hyperball_options
 from megatron_hyperball.mcore.reduce import Reduction, all_reduce_partials_, group_rank, group_size
-from megatron_hyperball.mcore.roles import is_sphere_param, named_params
+from megatron_hyperball.mcore.roles import is_sphere_param, named_params, sphere_mode
 from megatron_hyperball.mcore.sphere_index import build_index, full_shape, sphere_keys
 from megatron_hyperball.optim import AdamH, AdamMD
 from megatron_hyperball.optim.sphere import fixed_radius
@@ -120,9 +120,26 @@ def _sphere_index_for(leaf, sphere_set, pg_collection, param_names):
     device = next(iter(mains.values())).device if mains else torch.device(
         "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu")
     index = build_index(spheres, mains, lambda p: (dp_group, tree.tp_group_of(p, pg_collection)), device,
-                        param_names)
+                        param_names, rows_of=_element_rows(leaf, pg_collection))
     _check_same_count_over_tp(index)
     return index
+
+
+def _element_rows(leaf, pg_collection):
+    """rows_of for build_index: the full-matrix row of each local element (coords), from the TP shard
+    and, on ZeRO-1, this rank's flat range of the param (row-sphere params only)."""
+    def rows_of(model_param, tensor):
+        tp_group = tree.tp_group_of(model_param, pg_collection)
+        flat = None
+        if isinstance(leaf, DistributedOptimizer):
+            r = leaf._get_model_param_range_map(model_param)["param"]
+            flat = (r.start, r.end)
+        rows = []
+        for b in param_blocks(model_param, group_size(tp_group), group_rank(tp_group), flat):
+            rows.append(torch.arange(b.row, b.row + b.rows, device=tensor.device).repeat_interleave(b.cols))
+        return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=tensor.device)
+
+    return rows_of
 
 
 def _check_same_count_over_tp(index) -> None:
@@ -222,6 +239,11 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
     param_names = named_params(model_chunks)
     spheres = [p for p, n in param_names.items() if is_sphere_param(n, p, output_layer=hb.output_layer)]
     sphere_set = set(spheres)
+    rows = [param_names[p] for p in spheres if sphere_mode(p) == "row"]
+    if rows and (info.md or hb.update_norm == "shape"):
+        raise ValueError(f"'{rows[0]}' is tagged for row spheres (router_sphere 'row'), which optimizer "
+                         f"'{name}' with update norm '{hb.update_norm}' does not support; allowed: adamh / muonh "
+                         f"with hyperball_update_norm 'exact' (or router_sphere frobenius / none)")
     _check_no_weight_decay_on_spheres(config, config_overrides, spheres, param_names)
     if info.muon:
         _check_muon_layout(config, model_chunks)

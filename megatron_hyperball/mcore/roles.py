@@ -100,8 +100,6 @@ def tag_moe_spheres(model: torch.nn.Module, router_sphere: str) -> None:
 
     if router_sphere not in ROUTER_SPHERE_MODES:
         raise ValueError(f"router_sphere={router_sphere!r}; allowed: {', '.join(ROUTER_SPHERE_MODES)}")
-    if router_sphere == "row":
-        raise NotImplementedError("router_sphere='row' is not implemented in this release; allowed: frobenius, none")
     for name, p in model.named_parameters():
         role = role_of(name, p).name
         if role == "shared_expert_gate":
@@ -117,10 +115,33 @@ def tag_position_embeddings(model: torch.nn.Module) -> None:
             p.is_embedding_or_output_parameter = True
 
 
+_LOCAL_EXPERT = re.compile(r"^experts\.(?:local_experts\.(\d+)\.(.*)|(.*\.weight)(\d+))$")
+
+
+def _global_expert_name(rel: str, indices: list[int]) -> str:
+    """'experts.local_experts.{i}.X' / 'experts.linear_fc1.weight{i}' (i local) with i global."""
+    m = _LOCAL_EXPERT.match(rel)
+    if m is None:
+        return rel
+    if m.group(1) is not None:
+        return f"experts.local_experts.{indices[int(m.group(1))]}.{m.group(2)}"
+    return f"experts.{m.group(3)}{indices[int(m.group(4))]}"
+
+
 def named_params(model_chunks: Iterable[torch.nn.Module]) -> dict[torch.nn.Parameter, str]:
-    """param -> unique name, in model order (the same on every rank of a parallel group)."""
+    """param -> unique name, in model order (the same on every rank of a parallel group).
+
+    Expert parameters carry their *global* expert index (Megatron names them by local index, so
+    under expert parallelism two ranks' different experts would share a name, and with it their
+    checkpointed sphere state)."""
     names: dict[torch.nn.Parameter, str] = {}
     for i, chunk in enumerate(model_chunks):
+        experts = {f"{n}.": list(m.local_expert_indices) for n, m in chunk.named_modules()
+                   if n and isinstance(getattr(m, "local_expert_indices", None), (list, tuple))}
         for name, p in chunk.named_parameters():
+            for prefix, indices in experts.items():
+                if name.startswith(prefix):
+                    name = prefix + _global_expert_name(name[len(prefix):], indices)
+                    break
             names.setdefault(p, f"{i}.{name}" if i else name)
     return names

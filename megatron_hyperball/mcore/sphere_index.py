@@ -3,6 +3,9 @@ partial sums become full sums (``mcore.reduce``: over the DP shard group, then T
 
 Every rank numbers all spheres its groups share, its slice possibly empty, so the reduced
 vectors line up; all spheres of one (dp, tp) pair travel in one all-reduce per group per step.
+A parameter tagged ``'row'`` (``mcore.roles``: a row-normalized router) is m spheres of shape
+(1, n), radius 1, numbered consecutively; its local tensor's elements find their row through
+``rows_of`` (ZeRO-1 cuts rows anywhere), and the row sums travel in the same all-reduce.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_hyperball.mcore.reduce import Reduction, all_reduce_partials_, group_size
+from megatron_hyperball.mcore.roles import sphere_mode
 from megatron_hyperball.optim.sphere import SphereIndex, matrix_shape
 
-__all__ = ["MegatronSphereIndex", "full_shape", "build_index", "sphere_keys"]
+__all__ = ["MegatronSphereIndex", "full_shape", "build_index"]
 
 
 @dataclass
@@ -33,24 +37,48 @@ def full_shape(param: torch.nn.Parameter, tp_group) -> tuple[int, int]:
     return matrix_shape(shape)
 
 
+ROW_RADIUS = 1.0  # each row of a row-sphere matrix: a unit vector (seed 004's normalized router rows)
+
+
 def build_index(spheres: list[torch.nn.Parameter], local: dict[torch.nn.Parameter, torch.Tensor],
-                groups_of, device: torch.device, names: dict | None = None) -> MegatronSphereIndex:
+                groups_of, device: torch.device, names: dict | None = None,
+                rows_of=None) -> MegatronSphereIndex:
     """Number ``spheres`` (model params, in an order every rank of the groups shares).
 
     ``local`` maps a sphere's model param to the tensor this rank's optimizer updates (absent
     when this rank's slice is empty); ``groups_of(param) -> (dp_group, tp_group)``; ``names``:
-    param -> its model name, the sphere's key in checkpointed hook state.
+    param -> its model name, the sphere's key in checkpointed hook state; ``rows_of(param, tensor)``:
+    the full-matrix row (int64) of each element of a row-sphere param's local tensor (default: the
+    tensor is the whole matrix).
     """
-    index, shapes, reductions = {}, [], []
-    for k, p in enumerate(spheres):
+    index, shapes, reductions, keys, several, radii = {}, [], [], [], {}, {}
+    for p in spheres:
         dp_group, tp_group = groups_of(p)
-        shapes.append(full_shape(p, tp_group))
+        shape = full_shape(p, tp_group)
+        reduction = Reduction(dp_group, tp_group, replicated_over_tp=not getattr(p, "tensor_model_parallel", False))
+        name = names[p] if names is not None else None
+        k = len(shapes)
+        if sphere_mode(p) != "row":
+            shapes.append(shape)
+            reductions.append(reduction)
+            keys.append(name)
+            if p in local:
+                index[id(local[p])] = k
+            continue
+        m, n = shape
+        shapes += [(1, n)] * m
+        reductions += [reduction] * m
+        keys += [f"{name}[row {i}]" for i in range(m)]
+        radii.update({k + i: ROW_RADIUS for i in range(m)})
         if p in local:
-            index[id(local[p])] = k
-        reductions.append(Reduction(dp_group, tp_group,
-                                    replicated_over_tp=not getattr(p, "tensor_model_parallel", False)))
-    keys = [names[p] for p in spheres] if names is not None else None
-    return MegatronSphereIndex(index=index, shapes=shapes, device=device, keys=keys, reductions=reductions)
+            t = local[p]
+            rows = (rows_of(p, t) if rows_of is not None
+                    else torch.arange(m, device=t.device).repeat_interleave(n))
+            index[id(t)] = k
+            several[id(t)] = ((k + rows).to(device=t.device, dtype=torch.int64), list(range(k, k + m)))
+    return MegatronSphereIndex(index=index, shapes=shapes, device=device,
+                               keys=keys if names is not None else None, reductions=reductions,
+                               several=several, radii=radii)
 
 
 def sphere_keys(model_chunks) -> dict:

@@ -132,19 +132,21 @@ class SphereRetraction(SphereHook):
 
     def partials(self, batch: SphereBatch) -> torch.Tensor:
         return sphere.sphere_partials(
-            batch.params, batch.updates, batch.ids, batch.index.num_spheres, batch.device
+            batch.params, batch.updates, batch.ids, batch.index.num_spheres, batch.device,
+            [batch.index.element_spheres(p) for p in batch.params],
         )
 
     def post_update(self, batch: SphereBatch, sums: torch.Tensor) -> None:
         n = batch.index.num_spheres
         lr, radius, scale = [0.0] * n, [math.nan] * n, [math.nan] * n
-        for k, group, s in zip(batch.ids, batch.groups, batch.scales):
-            lr[k] = float(group["lr"])
-            r = sphere.fixed_radius(group["radius"], batch.index.shapes[k])
-            if r is not None:
-                radius[k] = r
-            if group["update_norm"] == "shape":
-                scale[k] = s
+        for p, group, s in zip(batch.params, batch.groups, batch.scales):
+            for k in batch.index.spheres_of(p):  # one, or each row of a row-sphere tensor
+                lr[k] = float(group["lr"])
+                r = batch.index.radii.get(k, sphere.fixed_radius(group["radius"], batch.index.shapes[k]))
+                if r is not None:
+                    radius[k] = r
+                if group["update_norm"] == "shape":
+                    scale[k] = s
         dev = sums.device
         radius = torch.tensor(radius, dtype=torch.float64, device=dev)
         w_norm = sums[:, 0].double().sqrt()
@@ -160,4 +162,5 @@ class SphereRetraction(SphereHook):
             radius,
             torch.tensor(scale, dtype=torch.float64, device=dev),
         )
-        sphere.apply_sphere_step_(batch.params, batch.updates, batch.ids, a, b)
+        sphere.apply_sphere_step_(batch.params, batch.updates, batch.ids, a, b,
+                                  [batch.index.element_spheres(p) for p in batch.params])

@@ -17,13 +17,18 @@ every rank applies ``W_next = a W - b u`` to its own elements (``apply_sphere_st
     a = alpha * R / ||W'||,   b = beta * R / ||W'||           (``sphere_coefficients``)
 
 so no rank ever needs another rank's weights.
+
+One tensor may hold several spheres (a router whose rows are each their own sphere, seed 004's
+row-normalized router): ``SphereIndex.several`` gives the sphere of each of its local elements,
+the partial sums are per-element sums added into those spheres' rows, and the step scales each
+element by its own sphere's (a, b). Everything else is unchanged.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 
@@ -63,6 +68,10 @@ class SphereIndex:
     shapes: list[tuple[int, int]]
     device: torch.device = torch.device("cpu")
     keys: list[str] | None = None  # stable names of the spheres (checkpointed hook state); default: numbers
+    # a tensor holding several spheres: id -> (sphere of each local element (int64, flat local order),
+    # the spheres it touches); ``index`` maps it to the first of them
+    several: dict[int, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
+    radii: dict[int, float] = field(default_factory=dict)  # fixed radius of a sphere, over its group's mode
 
     @property
     def num_spheres(self) -> int:
@@ -73,6 +82,19 @@ class SphereIndex:
 
     def sphere_of(self, p: torch.Tensor) -> int | None:
         return self.index.get(id(p))
+
+    def element_spheres(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """The sphere of each local element of a tensor that holds several; None for one sphere."""
+        entry = self.several.get(id(p))
+        return None if entry is None else entry[0]
+
+    def spheres_of(self, p: torch.Tensor) -> list[int]:
+        """Every sphere a local tensor takes part in."""
+        entry = self.several.get(id(p))
+        if entry is not None:
+            return entry[1]
+        k = self.sphere_of(p)
+        return [] if k is None else [k]
 
     def all_reduce_(self, partials: torch.Tensor) -> None:
         """Sum each row of partials over the ranks that share that sphere (no-op here)."""
@@ -96,8 +118,20 @@ def sphere_partials(
     sphere_ids: Sequence[int],
     num_spheres: int,
     device: torch.device,
+    element_spheres: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
-    """(num_spheres, 3) fp32 partial sums [||W||^2, <W,u>, ||u||^2] over the local elements."""
+    """(num_spheres, 3) fp32 partial sums [||W||^2, <W,u>, ||u||^2] over the local elements.
+
+    ``element_spheres[i]`` (optional): the sphere of each element of tensor i when it holds several."""
+    if element_spheres is not None and any(e is not None for e in element_spheres):
+        one = [i for i, e in enumerate(element_spheres) if e is None]
+        partials = sphere_partials([weights[i] for i in one], [updates[i] for i in one],
+                                   [sphere_ids[i] for i in one], num_spheres, device)
+        for w, u, e in zip(weights, updates, element_spheres):
+            if e is not None:
+                w32, u32 = w.float().reshape(-1), u.float().reshape(-1)
+                partials.index_add_(0, e, torch.stack([w32 * w32, w32 * u32, u32 * u32], dim=1))
+        return partials
     partials = torch.zeros(num_spheres, 3, dtype=torch.float32, device=device)
     if not weights:
         return partials
@@ -141,8 +175,17 @@ def apply_sphere_step_(
     sphere_ids: Sequence[int],
     a: torch.Tensor,
     b: torch.Tensor,
+    element_spheres: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> None:
-    """W <- a[k] W - b[k] u for each local tensor of sphere k, in place."""
+    """W <- a[k] W - b[k] u for each local tensor of sphere k, in place (elementwise k for a tensor
+    with ``element_spheres``)."""
+    if element_spheres is not None and any(e is not None for e in element_spheres):
+        one = [i for i, e in enumerate(element_spheres) if e is None]
+        apply_sphere_step_([weights[i] for i in one], [updates[i] for i in one], [sphere_ids[i] for i in one], a, b)
+        for w, u, e in zip(weights, updates, element_spheres):
+            if e is not None:
+                w.mul_(a[e].view_as(w).to(w.dtype)).sub_(b[e].view_as(w).to(w.dtype) * u)
+        return
     if not weights:
         return
     # one host sync per step for all spheres; then one multi-tensor scale and one fused

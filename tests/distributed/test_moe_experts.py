@@ -43,6 +43,27 @@ def is_sphere(name: str, router_sphere: str) -> bool:
     return name.endswith(MATRICES)
 
 
+def is_router(name: str) -> bool:
+    return name.endswith("router.weight")
+
+
+class MuonHRowsReference:
+    """MuonH with each row of the matrix its own unit sphere, float64: Newton-Schulz of the whole
+    Nesterov momentum, then per row w_i <- N(w_i - lr N(u_i)) (row radius 1)."""
+
+    def __init__(self, w0, lr, orth, momentum=0.95):
+        self.w = w0 / w0.norm(dim=1, keepdim=True)
+        self.lr, self.orth, self.mu = lr, orth, momentum
+        self.buf = torch.zeros_like(self.w)
+
+    def step(self, g):
+        g = g.double()
+        self.buf = self.mu * self.buf + (1 - self.mu) * g
+        u = self.orth((1 - self.mu) * g + self.mu * self.buf).double()
+        w = self.w - self.lr * u / u.norm(dim=1, keepdim=True)
+        self.w = w / w.norm(dim=1, keepdim=True)
+
+
 def moe_names(model):
     """{global name: param}: helpers.global_names, with local expert i renamed to its global index."""
     from megatron.core import parallel_state
@@ -56,7 +77,7 @@ def moe_names(model):
     return {re.sub(r"local_experts\.(\d+)\.", rename, n): p for n, p in global_names(model).items()}
 
 
-def build(optimizer, router_sphere):
+def build(optimizer, router_sphere, hidden=SHAPE["hidden_size"], bucket_size=None):
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -65,14 +86,14 @@ def build(optimizer, router_sphere):
     from megatron_hyperball.mcore.roles import tag_moe_spheres, tag_position_embeddings
 
     seed_all(1234)
-    model = build_gpt(**SHAPE, **MOE)
+    model = build_gpt(**{**SHAPE, "hidden_size": hidden}, **MOE)
     with torch.no_grad():
         for name, p in moe_names(model).items():
             p.copy_(initial(name, p.shape))
     tag_position_embeddings(model)
     tag_moe_spheres(model, router_sphere)
     layer_wise = optimizer == "muonh"
-    ddp = wrap_ddp(model, use_distributed_optimizer=True, layer_wise=layer_wise)
+    ddp = wrap_ddp(model, use_distributed_optimizer=True, layer_wise=layer_wise, bucket_size=bucket_size)
     config = HyperballOptimizerConfig(
         optimizer=optimizer, lr=LR, weight_decay=WD, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
         clip_grad=0.0, bf16=False, params_dtype=torch.float32, use_distributed_optimizer=True,
@@ -85,10 +106,10 @@ def build(optimizer, router_sphere):
     return ddp, opt, scheduler
 
 
-def run(optimizer, router_sphere):
-    ddp, opt, scheduler = build(optimizer, router_sphere)
+def run(optimizer, router_sphere, steps=STEPS, **kwargs):
+    ddp, opt, scheduler = build(optimizer, router_sphere, **kwargs)
     names = moe_names(ddp)
-    for step in range(STEPS):
+    for step in range(steps):
         scheduler.step(increment=1)
         ddp.zero_grad_buffer()
         opt.zero_grad()
@@ -107,7 +128,7 @@ def run(optimizer, router_sphere):
     return ddp, opt, full
 
 
-def reference(shapes, optimizer, router_sphere):
+def reference(shapes, optimizer, router_sphere, steps=STEPS):
     from megatron_hyperball.optim.newton_schulz import orthogonalize
 
     def orth(x):
@@ -116,50 +137,80 @@ def reference(shapes, optimizer, router_sphere):
     out = {}
     for name, shape in shapes.items():
         w0 = initial(name, shape).double()
-        if is_sphere(name, router_sphere):
+        if is_router(name) and router_sphere == "row":  # each row its own unit sphere
+            if optimizer == "adamh":  # Adam is elementwise: AdamH on each (1, h) row, radius 1
+                rows = [AdamHReference(w0[i:i + 1], LR, radius=1.0) for i in range(shape[0])]
+                for t in range(steps):
+                    g = grad(name, shape, t)
+                    for i, ref in enumerate(rows):
+                        ref.step(g[i:i + 1])
+                out[name] = torch.cat([ref.w for ref in rows])
+            else:
+                ref = MuonHRowsReference(w0, LR, orth)
+                for t in range(steps):
+                    ref.step(grad(name, shape, t))
+                out[name] = ref.w
+        elif is_sphere(name, router_sphere):
             ref = AdamHReference(w0, LR) if optimizer == "adamh" else MuonHReference(w0, LR, orth)
-            for t in range(STEPS):
+            for t in range(steps):
                 ref.step(grad(name, shape, t))
             out[name] = ref.w
         else:
             state = {"m": torch.zeros(shape, dtype=torch.float64), "v": torch.zeros(shape, dtype=torch.float64), "t": 0}
             w, decay = w0, (0.0 if len(shape) == 1 else WD)
-            for t in range(STEPS):
+            for t in range(steps):
                 w = adamw_reference_step(state, w, grad(name, shape, t).double(), LR, (0.9, 0.95), 1e-8, decay)
             out[name] = w
     return out
 
 
-@pytest.mark.parametrize("router_sphere", ["frobenius", "none"])
+@pytest.mark.parametrize("router_sphere", ["frobenius", "none", "row"])
 @pytest.mark.parametrize("optimizer", ["adamh", "muonh"])
 def test_expert_spheres_match_float64_reference(parallel, optimizer, router_sphere):
     from megatron.core import parallel_state
 
-    from megatron_hyperball.mcore.roles import is_sphere_param
+    from megatron_hyperball.mcore.roles import is_sphere_param, named_params
     from megatron_hyperball.mcore.tree import describe, sphere_counts
 
     world = dist.get_world_size()
     parallel(ep=2)
     expert_dp = parallel_state.get_expert_data_parallel_world_size()
     assert (parallel_state.get_data_parallel_world_size(), expert_dp) == (world, world // 2)
-    ddp, opt, full = run(optimizer, router_sphere)
+    steps = 20 if router_sphere == "row" else STEPS  # row: every row at radius 1 over 20 steps
+    ddp, opt, full = run(optimizer, router_sphere, steps)
     experts = [n for n in full if ".experts.local_experts." in n]
     assert len(experts) == SHAPE["num_layers"] * EXPERTS * 2  # every expert's fc1 and fc2 came back
     # the tags decide: gate never, router only in frobenius mode
     for name, p in moe_names(ddp).items():
         if name.endswith(("shared_experts.gate_weight", "router.weight")):
-            assert is_sphere_param(name, p) == is_sphere(name, router_sphere), name
+            assert is_sphere_param(name, p) == (is_sphere(name, router_sphere) or router_sphere == "row"
+                                                and is_router(name)), name
+    # sphere keys (checkpointed hook state) name experts by global index: no two EP ranks share one
+    mine = sorted(n for n in named_params([ddp]).values() if ".local_experts." in n)
+    boxes = [None] * world
+    dist.all_gather_object(boxes, mine)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    ep_ranks = [None] * world
+    dist.all_gather_object(ep_ranks, ep_rank)
+    for r in range(world):
+        if ep_ranks[r] != ep_rank:
+            assert not set(boxes[r]) & set(mine), (r, mine)
+    assert len({n for box in boxes for n in box}) == SHAPE["num_layers"] * EXPERTS * 2
     lines = describe(opt)
     if optimizer == "adamh" and expert_dp > 1:  # ZeRO-1 really cuts expert matrices over expert-DP
         total, local = sphere_counts(opt)
         assert -all_max(-local) < total, (total, local)
     assert any(("AdamH" if optimizer == "adamh" else "TensorParallelMuonH") in line for line in lines), lines
 
-    ref = reference({n: tuple(t.shape) for n, t in full.items()}, optimizer, router_sphere)
+    ref = reference({n: tuple(t.shape) for n, t in full.items()}, optimizer, router_sphere, steps)
     tol = 1e-6 if optimizer == "adamh" else 1e-5  # MuonH: fp32 Newton-Schulz, 5 iterations
     assert_rel_close(full, ref, tol, f"{optimizer} ep2 expert-dp{expert_dp} router {router_sphere}")
     for name, t in full.items():
         if t.dim() != 2:
+            continue
+        if is_router(name) and router_sphere == "row":
+            row_err = (t.double().norm(dim=1) - 1).abs().max().item()
+            assert row_err < 1e-6, (name, row_err)  # every expert's routing vector on its unit sphere
             continue
         r0 = initial(name, t.shape).double().norm().item()
         drift = abs(t.double().norm().item() / r0 - 1)
@@ -171,3 +222,32 @@ def test_expert_spheres_match_float64_reference(parallel, optimizer, router_sphe
         worst = max(((full[n].double() - ref[n]).norm() / ref[n].norm()).item() for n in experts)
         print(f"\n[moe {optimizer} world={world} ep=2 expert_dp={expert_dp} router={router_sphere}] "
               f"worst expert rel err {worst:.2e}")
+
+
+@pytest.mark.world_size(2)
+def test_row_router_cut_mid_row_by_zero1(parallel):
+    """AdamH on ZeRO-1 with every parameter its own bucket and h = 80: the 4 x 80 router (padded to
+    384 elements, 192 per rank) is cut inside row 2, so that row's sums come from two ranks. Every
+    row stays at radius 1 and equals the float64 per-row reference over 20 steps."""
+    from megatron.core.optimizer import DistributedOptimizer
+
+    from megatron_hyperball.mcore.tree import leaves
+
+    parallel()  # DP = 2, EP = 1
+    steps = 20
+    ddp, opt, full = run("adamh", "row", steps, hidden=80, bucket_size=1)
+    cuts = []
+    for leaf in leaves(opt):
+        if isinstance(leaf, DistributedOptimizer):
+            for name, p in moe_names(ddp).items():
+                if is_router(name) and p in leaf.model_param_gbuf_map:
+                    r = leaf._get_model_param_range_map(p)["param"]
+                    cuts += [r.start % p.shape[1], r.end % p.shape[1]]
+    boxes = [None] * dist.get_world_size()
+    dist.all_gather_object(boxes, cuts)
+    assert any(c for box in boxes for c in box), boxes  # some rank's slice starts or ends inside a row
+    ref = reference({n: tuple(t.shape) for n, t in full.items()}, "adamh", "row", steps)
+    assert_rel_close(full, ref, 1e-6, "adamh row router cut by ZeRO-1")
+    for name, t in full.items():
+        if is_router(name):
+            assert (t.double().norm(dim=1) - 1).abs().max().item() < 1e-6, name
