@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# The issue-10 CPU LR-transfer sweep: AdamW, AdamH, MuonH on the embedded corpus (quickstart model,
-# 300 steps, 2 ranks) across widths 64 / 128 / 256. Resumable: rerun it and finished runs are skipped
-# (runs/sweep_cpu_<optimizer>/<run>/result.json); each optimizer's report is runs/sweep_cpu_<opt>/report.md.
-# Estimated ~2 h on 2 idle cores (MuonH at width 64 was still improving at lr 0.12: the hyperball grid goes to 0.48).
+# The issue-10 CPU LR-transfer sweep: MuonH, AdamW, AdamH on the embedded corpus (quickstart model,
+# 300 steps, 2 ranks, every param group at the swept lr) across widths 64 / 128 / 256. Resumable:
+# rerun it and finished runs are skipped (runs/sweep_cpu_<optimizer>/<run>/result.json); each
+# sweep's report is runs/sweep_cpu_<opt>/report.md (+ loss_vs_lr.png with matplotlib).
+# ~45 runs of ~1.5 min on 2 idle cores.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-for opt in muonh adamh adamw; do
-  case $opt in adamw) LRS=0.001,0.002,0.004,0.008,0.016 ;; *) LRS=0.0075,0.015,0.03,0.06,0.12,0.24,0.48 ;; esac
-  .venv/bin/python scripts/lr_sweep.py --config configs/quickstart.yaml --lrs $LRS \
-      --set model.hidden_size=64,128,256 --out runs/sweep_cpu_$opt --nproc 2 \
-      optimizer.name=$opt model.ffn_hidden_size=null logging.wandb.name=sweep_$opt
-done
+HB=0.0075,0.015,0.03,0.06,0.12      # hyperball grid (MuonH quickstart lr: 0.03)
+AW=0.001,0.002,0.004,0.008,0.016    # AdamW grid
+sweep() {  # sweep OPTIMIZER LRS WIDTHS [--report-only]
+  .venv/bin/python scripts/lr_sweep.py --config configs/quickstart.yaml --lrs "$2" \
+      --set model.hidden_size="$3" --out "runs/sweep_cpu_$1" --nproc 2 "${@:4}" \
+      optimizer.name="$1" model.ffn_hidden_size=null logging.wandb.name="sweep_$1"
+}
+sweep muonh $HB 64,128,256
+sweep muonh 0.24,0.48 64            # width 64's best lr was the grid's top (0.12)
+sweep adamw $AW 64,128,256
+sweep adamh $HB 64,128,256
+# reports over every finished run of each folder
+sweep muonh $HB,0.24,0.48 64,128,256 --report-only
+sweep adamw $AW 64,128,256 --report-only
+sweep adamh $HB 64,128,256 --report-only
