@@ -51,17 +51,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_hyperball.mcore import tree
+from megatron_hyperball.mcore.builders import unwrap as _unwrap
 from megatron_hyperball.mcore.reduce import group_rank
 from megatron_hyperball.mcore.roles import MATRIX_TYPES, role_of
 from megatron_hyperball.models import indicators as ind
 
 __all__ = ["Indicators", "install", "attention_z_exposed"]
-
-
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def _layers(model_chunks) -> list:

@@ -233,7 +233,7 @@ def writer(monkeypatch, tmp_path):
 
 
 def test_indicators_match_float64_reference_on_the_same_step(parallel, writer):
-    from megatron_hyperball.mcore.indicators import Indicators
+    from megatron_hyperball.mcore.indicators import Indicators, attention_z_exposed
     from megatron_hyperball.mcore.roles import MATRIX_TYPES, role_of
     from megatron_hyperball.models.indicators import indicator_names
 
@@ -284,6 +284,7 @@ def test_indicators_match_float64_reference_on_the_same_step(parallel, writer):
     assert math.sqrt(total) == pytest.approx(result["grad_norm"], rel=TOL)
 
     # written to Megatron's TensorBoard writer, at the iteration, under the documented names
+    assert attention_z_exposed([ddp])  # the local spec
     names = indicator_names(LAYERS, moe_layers=[2], attention_z=True, grad_types=MATRIX_TYPES)
     assert sorted(writer.scalars) == sorted(names)
     assert all(step == 2 for _, step in writer.scalars.values())
