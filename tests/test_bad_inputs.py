@@ -231,7 +231,7 @@ CASES = {
     "override_without_value": (["optimizer.lr", "0.1"], "optimizer.lr", "has no value"),
     "bad_override_yaml": (["optimizer.betas=[0.9,"], "optimizer.betas", "not valid YAML"),
 }
-SLOW = {"grouped_gemm_on_cpu"}  # asks torch whether CUDA is there (the only choice that depends on it)
+SLOW = {"grouped_gemm_on_cpu", "moe_tp2_on_cpu", "moe_alltoall_on_cpu"}  # ask torch whether CUDA is there (the choices that depend on it)
 
 
 def _case_args(args: list[str], fx: Path) -> list[str]:
