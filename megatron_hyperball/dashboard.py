@@ -47,6 +47,7 @@ _ALIASES = {
     "global_load_balancing_loss": "moe/global_load_balancing_loss",
     "seq_load_balancing_loss": "moe/seq_load_balancing_loss",
     "z_loss": "moe/z_loss",
+    "max_attention_logit": "indicators/max_attention_logit",  # Megatron's --log-max-attention-logit (TE)
 }
 
 
@@ -85,6 +86,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("lr", "learning rate", ("learning-rate",)),
     Panel("indicators", "router Z: mean_t LSE(router logits)^2", family="indicators/router_z"),
     Panel("indicators", "attention Z: mean LSE(scores)^2", family="indicators/attention_z"),
+    Panel("indicators", "max attention logit (Megatron, TE)", ("max_attention_logit",)),
     Panel("indicators", "output RMS, attention (after alpha)", family="indicators/attn_rms"),
     Panel("indicators", "output RMS, MLP / MoE (after alpha)", family="indicators/mlp_rms"),
     Panel("indicators", "outliers: % of elements > 5 sigma", family="indicators/outliers"),

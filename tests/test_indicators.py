@@ -181,7 +181,8 @@ def test_wandb_writer_logs_sectioned_aliases_beside_the_original_names():
           "spheres/weight_norm/qkv": 3.0, "lr/learning_rate": 0.01}, 8),
     ]
     assert writer.config == {"x": 1}  # everything else is the wandb module's
-    for name in ("lm loss validation", "grad-norm", "global_load_balancing_loss", "hyperball/grad_norm/router"):
+    for name in ("lm loss validation", "grad-norm", "global_load_balancing_loss", "hyperball/grad_norm/router",
+                 "max_attention_logit"):
         assert wandb_alias(name).split("/")[0] in SECTIONS
     assert wandb_alias("indicators/router_z/mean") is None and wandb_alias("moe/maxvio/layer_02") is None
 
