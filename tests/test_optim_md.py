@@ -175,7 +175,7 @@ class RecordV(SphereHook):
 @pytest.mark.parametrize("cls", [AdamMD, MuonMD])
 @pytest.mark.parametrize("update_norm", ["shape", "exact"])
 def test_v_on_sphere_and_w_exactly_reassembled(cls, update_norm):
-    """Every step ||V_next|| = R (to 1e-6) and the stored W is bitwise V_next * (g_row g_col^T)
+    """Every step ||V_next|| = R (to 1e-6) and the stored W is bitwise (V_next * g_row) * g_col
     from the stored gains; at the first step the gains are exactly 1 and V is W itself."""
     torch.manual_seed(0)
     ws = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in SHAPES]
@@ -194,7 +194,7 @@ def test_v_on_sphere_and_w_exactly_reassembled(cls, update_norm):
             v = rec.v_next[-1][i]
             assert abs(v.double().norm().item() / radii[i] - 1) < 1e-6
             g = _stored_gains(opt, w)
-            assert torch.equal(w.detach(), v * (g["row"][:, None] * g["col"][None, :]))
+            assert torch.equal(w.detach(), v * g["row"][:, None] * g["col"][None, :])
             if step == 0:
                 assert all(torch.equal(x, torch.ones_like(x)) for x in rec.gains_before[0][i].values())
                 assert torch.equal(rec.v_before[0][i], w0[i])
