@@ -401,19 +401,48 @@ def test_quickstart_on_gpu(tmp_path):
     assert (tmp_path / "gpu" / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
 
 
-def test_moe_sqrt_gate_trains_through_the_entry(tmp_path, workdir, run_a):
-    """SqrtGate MoE (4 experts, top-2, a shared expert, EP = 2) through the real entry and Megatron's
-    loop: the SqrtGate spec is built, MuonH runs layer-wise, the held-out loss falls."""
-    args = _overrides(tmp_path, workdir / "data", "moe") + [
-        "model.moe={num_experts: 4, topk: 2, sqrt_gate: true, shared_expert_size: 128}", "parallelism.ep=2",
-        "schedule.train_iters=20", "schedule.eval_interval=10"]
-    code, out = _launch(tmp_path, args)
+QUICKSTART_MOE = REPO_ROOT / "configs" / "quickstart_moe.yaml"
+MOE_STEPS, MOE_EXIT = 16, 8
+
+
+def _moe_args(root: Path, name: str) -> list[str]:
+    return ["--config", str(QUICKSTART_MOE), f"schedule.train_iters={MOE_STEPS}", "schedule.eval_interval=8",
+            "schedule.eval_iters=2", f"data.embedded_dir={root / 'data'}", "data.embedded_max_mb=2",
+            f"checkpoint.save={root / name / 'ckpt'}", f"logging.tensorboard_dir={root / name / 'tb'}",
+            "logging.metrics_interval=4", f"logging.wandb.name={name}"]
+
+
+def test_quickstart_moe_trains_and_resumes_bitwise(tmp_path):
+    """configs/quickstart_moe.yaml (SqrtGate + shared expert, 8 experts top-2, EP = 2, MuonH, HyperP's
+    global aux loss 0.1) through the real entry: the SqrtGate spec is built, MuonH runs layer-wise, the
+    aux loss is Megatron's global one at weight 0.1 (given to Megatron as 0.1 x dp), the router stays on
+    its sphere, the held-out loss falls; interrupted at step 8 and run again, every step's loss, grad
+    norm and lr equal the uninterrupted run's bit for bit."""
+    code, out = _launch(tmp_path, _moe_args(tmp_path, "a"))
     assert code == 0, out[-4000:]
     assert "SqrtGate, shared-expert fraction p = 0.5" in out
+    assert "global aux loss weight 0.1 (Megatron's coefficient 0.2 = it x dp 2)" in out
+    assert "--moe-router-load-balancing-type global_aux_loss" in out and "--expert-model-parallel-size 2" in out
     assert "[hyperball] optimizer: LayerWiseDistributedOptimizer > Float16OptimizerWithFloat16Params > " \
            "TensorParallelMuonH (megatron_hyperball)" in out
+    a = tb_scalars(tmp_path / "a" / "tb")
     val = _printed_validation(out)
-    assert val[20] < val[10] < 3.5, val
+    assert sorted(val) == [8, 16] and val[16] < val[8] < a["lm loss"][1] - 2.0, (val, a["lm loss"][1])
+    assert sorted(a["global_load_balancing_loss"]) == list(range(1, MOE_STEPS + 1))
+    router = list(a["hyperball/weight_norm/router"].values())
+    assert max(router) / min(router) - 1 < 1e-3, router  # frobenius: the router keeps its norm
+
+    args = _moe_args(tmp_path, "b") + ["--exit-interval", str(MOE_EXIT)]
+    for _ in range(2):  # the same command twice: stops at 8, then resumes to 16
+        code, out_b = _launch(tmp_path, args)
+        assert code == 0, out_b[-4000:]
+    assert re.search(rf"successfully loaded checkpoint from .* at iteration {MOE_EXIT}\b", out_b)
+    b = tb_scalars(tmp_path / "b" / "tb")
+    for tag in ("lm loss", "grad-norm", "learning-rate", "global_load_balancing_loss"):
+        assert sorted(b[tag]) == list(range(1, MOE_STEPS + 1)), tag
+        for step in range(1, MOE_STEPS + 1):
+            assert b[tag][step] == a[tag][step], (tag, step, b[tag][step], a[tag][step])
+    assert _printed_validation(out_b) == {16: val[16]}
 
 
 def test_muonmd_quickstart_trains_through_the_entry(tmp_path, workdir, run_a):
