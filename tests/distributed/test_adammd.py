@@ -281,3 +281,20 @@ def test_gain_lr_follows_megatrons_schedule(parallel):
         for side, key in (("row", "r"), ("col", "c")):
             want = ref.gains()[key]
             assert ((gains[name][side].double() - want).norm() / (want - 1).norm()).item() < 1e-4, (name, side)
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_adammd_non_sharded_wrappers(parallel, bf16):
+    """Without ZeRO-1 (Megatron's FP32Optimizer / Float16OptimizerWithFloat16Params over all-reduced
+    gradients, DP = 2): whole matrices per rank, the same float64 reference (bf16: to bf16 rounding
+    of the model weights, checked against the fp32 main params' reference)."""
+    parallel()
+    ddp, optimizer, scheduler = build_md(distributed=False, bf16=bf16)
+    wrapper = "Float16OptimizerWithFloat16Params" if bf16 else "FP32Optimizer"
+    assert describe(optimizer) == [f"{wrapper} > AdamMD (megatron_hyperball)"]
+    assert all(fed_steps(ddp, optimizer, scheduler, range(STEPS)))
+    params = full_params(ddp)
+    ref, _ = md_reference({n: tuple(t.shape) for n, t in params.items()}, STEPS, LR, GAIN_LR)
+    spheres = {n: params[n] for n in params if is_sphere(n)}
+    assert_rel_close(spheres, {n: ref[n] for n in spheres}, 4e-3 if bf16 else 2e-6, f"AdamMD non-sharded bf16={bf16}")
