@@ -104,18 +104,18 @@ def test_gain_sums_add_bytes_not_all_reduces(parallel):
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def _save(ddp, optimizer, directory):
+def _save(ddp, optimizer, directory, sharding="dp_reshardable"):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(sharded_state(ddp, optimizer, False), str(directory),
+    dist_checkpointing.save(sharded_state(ddp, optimizer, False, sharding), str(directory),
                             sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
 
 
-def _load(ddp, optimizer, directory):
+def _load(ddp, optimizer, directory, sharding="dp_reshardable"):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
 
@@ -124,28 +124,31 @@ def _load(ddp, optimizer, directory):
     with torch.no_grad():  # start elsewhere, so a load that missed something shows
         for p in ddp.parameters():
             p.mul_(1.5)
-    loaded = dist_checkpointing.load(sharded_state(ddp, optimizer, True), str(directory),
+    loaded = dist_checkpointing.load(sharded_state(ddp, optimizer, True, sharding), str(directory),
                                      sharded_strategy=get_default_load_sharded_strategy(str(directory)))
     unwrap(ddp).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
 
 
 @pytest.mark.world_size(2)
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_checkpoint_resume_is_bitwise(parallel, shared_tmp_path, bf16):
-    """ZeRO-1, DP = 2: 3 steps, torch_dist save, 3 more; a fresh build (weights moved away) loads
-    it and steps the same 3: parameters, optimizer state and gains equal, bitwise."""
+@pytest.mark.parametrize("bf16,sharding", [(False, "dp_reshardable"), (True, "dp_reshardable"),
+                                           (False, "fully_reshardable")],
+                         ids=["fp32", "bf16", "fp32-fully_reshardable"])
+def test_checkpoint_resume_is_bitwise(parallel, shared_tmp_path, bf16, sharding):
+    """ZeRO-1, DP = 2: 3 steps, torch_dist save (Megatron's default dp_reshardable optimizer
+    format, and fully_reshardable), 3 more; a fresh build (weights moved away) loads it and steps
+    the same 3: parameters, optimizer state and gains equal, bitwise."""
     steps, at = 6, 3
     parallel()
     ddp, opt, sched = build_md(steps=steps, bf16=bf16)
     fed_steps(ddp, opt, sched, range(at))
-    _save(ddp, opt, shared_tmp_path / "ckpt")
+    _save(ddp, opt, shared_tmp_path / "ckpt", sharding)
     fed_steps(ddp, opt, sched, range(at, steps))
     want = full_params(ddp), local_optimizer_state(opt), md_gains_by_name(opt)
 
     parallel(seed=4321)
     ddp, opt, sched = build_md(steps=steps, bf16=bf16)
-    _load(ddp, opt, shared_tmp_path / "ckpt")
+    _load(ddp, opt, shared_tmp_path / "ckpt", sharding)
     sched.num_steps = at
     fed_steps(ddp, opt, sched, range(at, steps))
     got = full_params(ddp), local_optimizer_state(opt), md_gains_by_name(opt)
