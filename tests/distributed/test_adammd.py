@@ -197,7 +197,9 @@ RESHARD = os.environ.get("HB_MD_RESHARD_DIR")
 @pytest.mark.world_size(2)
 def test_dp2_checkpoint_resumes_on_dp1(parallel, shared_tmp_path):
     """Save at DP = 2 after 3 steps; a one-rank run (DP = 1) loads it and steps 3 more: it equals
-    the uninterrupted DP = 2 run to fp32 rounding (weights, gains)."""
+    the uninterrupted DP = 2 run to fp32 rounding (weights, gains). And the reverse: the one-rank
+    run saves at DP = 1 after 3 steps, DP = 2 loads it and steps 3 more, equal to its own
+    uninterrupted DP = 1 run."""
     steps, at = 6, 3
     parallel()
     ddp, opt, sched = build_md(steps=steps)
@@ -222,6 +224,17 @@ def test_dp2_checkpoint_resumes_on_dp1(parallel, shared_tmp_path):
         for side in g:
             assert torch.allclose(got["gains"][name][side], g[side], rtol=0, atol=1e-6), (name, side)
 
+    parallel()  # DP 1 -> DP 2
+    ddp, opt, sched = build_md(steps=steps)
+    _load(ddp, opt, shared_tmp_path / "dp1ckpt")
+    sched.num_steps = at
+    fed_steps(ddp, opt, sched, range(at, steps))
+    uninterrupted = torch.load(shared_tmp_path / "dp1_uninterrupted.pt")
+    assert_rel_close(full_params(ddp), uninterrupted["params"], 1e-6, "DP1 -> DP2 resume vs uninterrupted DP1")
+    for name, g in md_gains_by_name(opt).items():
+        for side in g:
+            assert torch.allclose(g[side], uninterrupted["gains"][name][side], rtol=0, atol=1e-6), (name, side)
+
 
 @pytest.mark.world_size(1)
 @pytest.mark.skipif(RESHARD is None, reason="the DP = 1 leg of test_dp2_checkpoint_resumes_on_dp1")
@@ -235,6 +248,13 @@ def test_dp1_leg(parallel):
     sched.num_steps = at
     fed_steps(ddp, opt, sched, range(at, steps))
     torch.save({"params": full_params(ddp), "gains": md_gains_by_name(opt)}, Path(RESHARD) / "dp1.pt")
+
+    parallel()  # the DP = 1 side of DP 1 -> DP 2: save after 3 steps, and the uninterrupted run
+    ddp, opt, sched = build_md(steps=steps)
+    fed_steps(ddp, opt, sched, range(at))
+    _save(ddp, opt, Path(RESHARD) / "dp1ckpt")
+    fed_steps(ddp, opt, sched, range(at, steps))
+    torch.save({"params": full_params(ddp), "gains": md_gains_by_name(opt)}, Path(RESHARD) / "dp1_uninterrupted.pt")
 
 
 @pytest.mark.world_size(1)
