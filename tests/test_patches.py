@@ -34,9 +34,9 @@ def test_plain_import_installs_core_patches_and_torch_adamw_fixes():
         "             ('sharded_state_dict', '_set_main_param_and_optimizer_states', 'load_state_dict')]}))"))
     assert got["cpu"] is False
     assert got["torch_adamw"] is True
-    assert got["applied"] == ["dp_reshardable_load_no_grad", "torch_adamw_checkpoint_state", "optimizer_factory",
-                              "muonh_registry_entry", "layer_wise_fp32_members", "layer_wise_found_inf",
-                              "layer_wise_hook_state"]
+    assert got["applied"] == ["dp_reshardable_load_no_grad", "torch_adamw_checkpoint_state",
+                              "layer_wise_untagged_matrices", "optimizer_factory", "muonh_registry_entry",
+                              "layer_wise_fp32_members", "layer_wise_found_inf", "layer_wise_hook_state"]
     assert got["marked"] == [True, True, True]
 
 
@@ -54,7 +54,7 @@ def test_entries_are_documented_and_training_groups_apply_once():
         assert group in ("core", "training", "cpu"), name
         assert versions and all(v.startswith("0.") for v in versions), name
         assert why_len > 40 and target.startswith("megatron."), name
-    assert got["n"] == 7 + sum(e[1] == "training" for e in entries)
+    assert got["n"] == 8 + sum(e[1] == "training" for e in entries)
 
 
 def test_other_megatron_version_is_skipped_not_patched():
