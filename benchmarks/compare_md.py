@@ -23,12 +23,16 @@ OPTIMIZERS = ("adamw", "muonh", "muonmd")
 
 
 def results(runs: Path, optimizer: str, width: int) -> dict[float, dict]:
-    """lr -> result.json of every finished run of ``optimizer`` at ``width``."""
+    """lr -> result.json of every finished run of ``optimizer`` at ``width``, from
+    ``sweep_cpu_<optimizer>`` and any ``sweep_cpu_<optimizer>_*`` folder made with the same settings
+    (the first folder's run wins for an lr in both)."""
     out = {}
-    for path in sorted((runs / f"sweep_cpu_{optimizer}").glob(f"hidden_size{width}_lr*/result.json")):
-        r = json.loads(path.read_text())
-        r["dir"] = path.parent
-        out[float(r["lr"])] = r
+    folders = [runs / f"sweep_cpu_{optimizer}", *sorted(runs.glob(f"sweep_cpu_{optimizer}_*/"))]
+    for folder in folders:
+        for path in sorted(folder.glob(f"hidden_size{width}_lr*/result.json")):
+            r = json.loads(path.read_text())
+            r["dir"] = path.parent
+            out.setdefault(float(r["lr"]), r)
     return out
 
 
@@ -51,20 +55,16 @@ def best(res: dict[float, dict]):
 
 
 def table(all_res: dict[str, dict[float, dict]]) -> str:
-    lrs = sorted({lr for res in all_res.values() for lr in res})
-    lines = ["| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | best loss | edge? |",
-             "|---|" + "---:|" * (len(lrs) + 3)]
+    lines = ["| optimizer | lr: final held-out loss | best lr | best loss |", "|---|---|---:|---:|"]
     for name, res in all_res.items():
-        cells = []
-        for lr in lrs:
-            r = res.get(lr)
-            cells.append("" if r is None else ("diverged" if r.get("diverged") else f"{r['loss']:.3f}"))
+        cells = ", ".join(f"{lr:g}: " + ("diverged" if r.get("diverged") else f"{r['loss']:.3f}")
+                          for lr, r in sorted(res.items()))
         b = best(res)
         if b is None:
-            lines.append(f"| {name} | " + " | ".join(cells) + " | - | - | |")
+            lines.append(f"| {name} | {cells or 'no finished run'} | - | - |")
             continue
-        edge = "yes" if b[0] in (min(res), max(res)) else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {b[0]:g} | {b[1]['loss']:.3f} | {edge} |")
+        edge = " (edge of the grid)" if len(res) > 1 and b[0] in (min(res), max(res)) else ""
+        lines.append(f"| {name} | {cells} | {b[0]:g}{edge} | {b[1]['loss']:.3f} |")
     return "\n".join(lines)
 
 
