@@ -196,7 +196,7 @@ def test_unknown_radius_and_update_norm_are_refused():
 def test_optimizer_name_typo_is_refused():
     assert canonical_name("muon_hyperball") == "muonh"
     assert canonical_name("AdamH") == "adamh"
-    with pytest.raises(ValueError, match=r"unknown optimizer 'adamhh'.*adam_hyperball, adamh, muon_hyperball, muonh"):
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adamhh'.*adam_hyperball, adamh, adammd, muon_hyperball, muonh, muonmd"):
         canonical_name("adamhh")
 
 
