@@ -496,9 +496,10 @@ class OptimizerSection(_Section):
                     p.append((key, f"set for optimizer '{self.name}', which has no spheres; allowed "
                                    f"only with {_SPHERE}"))
         if self.output_layer_on_sphere and self.name != "adamh":
-            p.append(("output_layer_on_sphere", f"true with optimizer '{self.name}'; allowed only with "
-                                                f"adamh (muonh / muonmd give the output layer Adam: no sphere, "
-                                                f"so no gains)"))
+            why = ("it has no sphere, so no gains (seed 004: the embedding and output layer take none)"
+                   if self.md else "the output layer takes Adam")
+            p.append(("output_layer_on_sphere", f"true with optimizer '{self.name}'; allowed only with adamh "
+                                                f"(with {self.name} {why})"))
         if not self.md:
             for key in ("gains", "gain_parametrization", "gain_lr"):
                 if getattr(self, key) is not None:
