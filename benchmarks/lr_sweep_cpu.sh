@@ -8,16 +8,21 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 HB=0.0075,0.015,0.03,0.06,0.12      # hyperball grid (MuonH quickstart lr: 0.03)
 AW=0.001,0.002,0.004,0.008,0.016    # AdamW grid
-sweep() {  # sweep OPTIMIZER LRS WIDTHS [--report-only]
+sweep() {  # sweep OPTIMIZER LRS WIDTHS [--report-only] [KEY=VALUE ...]; OUT_SUFFIX names a variant
   .venv/bin/python scripts/lr_sweep.py --config configs/quickstart.yaml --lrs "$2" \
-      --set model.hidden_size="$3" --out "runs/sweep_cpu_$1" --nproc 2 "${@:4}" \
+      --set model.hidden_size="$3" --out "runs/sweep_cpu_$1${OUT_SUFFIX:-}" --nproc 2 "${@:4}" \
       optimizer.name="$1" model.ffn_hidden_size=null logging.wandb.name="sweep_$1"
 }
+# variant: only the sphere matrices swept, the Adam groups pinned at seed 004's fixed lrs
+# (3e-3 embeddings, 1e-3 output layer and 1-D params): separates the matrices' transfer from Adam's
+PINNED="optimizer.embedding_lr=0.003 optimizer.output_lr=0.001 optimizer.scalar_lr=0.001"
 sweep muonh $HB 64,128,256
 sweep muonh 0.24,0.48 64            # width 64's best lr was the grid's top (0.12)
 sweep adamw $AW 64,128,256
 sweep adamh $HB 64,128,256
+OUT_SUFFIX=_pinned sweep muonh $HB 64,128,256 $PINNED
 # reports over every finished run of each folder
 sweep muonh $HB,0.24,0.48 64,128,256 --report-only
 sweep adamw $AW 64,128,256 --report-only
 sweep adamh $HB 64,128,256 --report-only
+OUT_SUFFIX=_pinned sweep muonh $HB 64,128,256 --report-only $PINNED
