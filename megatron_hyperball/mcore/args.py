@@ -9,7 +9,8 @@ with the per-group learning rates.
 
 ``add_launcher_args`` is what the drop-in launcher (``python -m megatron_hyperball.run``) chains
 after a script's own ``extra_args_provider``: the plugin's flags (unless the script added them),
-Depth-muP's ``--block-output-scale`` (the YAML entry takes it from its config instead), and a
+Depth-muP's ``--block-output-scale`` and ``--hyperball-router-sphere`` (the YAML entry takes both
+from its config instead), and a
 "did you mean" hint when an unrecognized flag is close to a known one.
 """
 
@@ -25,6 +26,7 @@ from megatron_hyperball import names
 from megatron_hyperball.mcore.roles import role_of
 
 __all__ = ["add_plugin_args", "add_block_output_scale_arg", "add_launcher_args", "has_flag",
+           "add_router_sphere_arg", "ROUTER_SPHERE_FLAG",
            "optimizer_config_from_args", "md_options_from_args", "MD_FLAGS", "param_group_overrides", "PER_GROUP_LR_KEYS", "BLOCK_OUTPUT_SCALE_FLAG"]
 
 PER_GROUP_LR_KEYS = ("embedding_lr", "output_lr", "scalar_lr")
@@ -142,6 +144,22 @@ def add_block_output_scale_arg(parser: argparse.ArgumentParser) -> argparse.Argu
     return parser
 
 
+ROUTER_SPHERE_FLAG = "--hyperball-router-sphere"
+
+
+def add_router_sphere_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--hyperball-router-sphere``: the YAML entry's ``model.moe.router_sphere`` for an MoE model the
+    script builds (patch ``dropin_moe_model``); None = not given: frobenius with a sphere optimizer."""
+    if has_flag(parser, ROUTER_SPHERE_FLAG):
+        return parser
+    parser.add_argument(ROUTER_SPHERE_FLAG, choices=names.ROUTER_SPHERE_MODES, default=None,
+                        dest="hyperball_router_sphere",
+                        help="MoE router under a sphere optimizer: frobenius (one sphere, the default), row (each "
+                             "expert's routing vector its own sphere), none (Adam); allowed: "
+                             f"{', '.join(names.ROUTER_SPHERE_MODES)}")
+    return parser
+
+
 def _suggest_close_flags(parser: argparse.ArgumentParser) -> None:
     """Append 'did you mean --x?' to argparse's 'unrecognized arguments' error when an unknown
     option is close to a known one (e.g. --hyperball-radiuss). Same exit (2), same usage line."""
@@ -177,10 +195,12 @@ def _suggest_close_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The drop-in launcher's ``extra_args_provider`` tail: :func:`add_plugin_args` (unless the
-    parser has it already), :func:`add_block_output_scale_arg`, and close-match hints."""
+    parser has it already), :func:`add_block_output_scale_arg`, :func:`add_router_sphere_arg`, and
+    close-match hints."""
     if not has_flag(parser, "--hyperball-radius"):
         parser = add_plugin_args(parser)
     parser = add_block_output_scale_arg(parser)
+    parser = add_router_sphere_arg(parser)
     _suggest_close_flags(parser)
     return parser
 
