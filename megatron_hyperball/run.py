@@ -16,7 +16,9 @@ Every rank runs :func:`main`, which
    shard-aligned layout get_model gives it, also when the script builds the model through 0.19's
    config-container builder: patch ``builder_layer_wise_layout``), the built optimizer is checked
    and printed (``[hyperball] optimizer: ...``), ``--block-output-scale`` reaches the ``GPTModel``
-   the script builds (patch ``gpt_model_block_output_scale``);
+   the script builds (patch ``gpt_model_block_output_scale``), an MoE ``GPTModel`` gets the YAML
+   entry's router / shared-expert-gate tags (``--hyperball-router-sphere``) and global_aux_loss
+   weight x dp (patch ``dropin_moe_model``);
 2. on a machine without CUDA, first switches the CPU layer on (``compat.enable_cpu()`` before any
    process group or model exists, then the ``cpu`` patches) and puts the CPU flags the YAML entry
    uses (:data:`CPU_FLAGS`: gloo, the local layer spec, GPU fusions off) in front of the user's,
@@ -54,6 +56,8 @@ plugin flags (on Megatron's own parser):
   --hyperball-embedding-lr / --hyperball-output-lr / --hyperball-scalar-lr <positive number>
   --hyperball-metrics-interval N   hyperball/weight_norm/* and hyperball/rel_update/* every N steps
   --block-output-scale 1/sqrt(2L)|1/L|<positive number>|none   Depth-muP (default none)
+  --hyperball-router-sphere frobenius|row|none   MoE router under a sphere optimizer (default
+                                   frobenius); the shared-expert gate takes Adam
 
 Without CUDA the CPU layer is switched on and these Megatron flags are added unless given:
   {cpu}

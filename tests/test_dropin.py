@@ -173,6 +173,116 @@ def test_interrupted_run_resumes_bitwise(runs):
         assert b[tag] == a[tag], (tag, b[tag], a[tag])
 
 
+# -- MoE: the YAML entry's MoE tags and global aux-loss weight, on the model Megatron-LM's script builds --
+MOE_STEPS, MOE_SAVE = 10, 5
+MOE_FLAGS = [
+    "--num-experts", "4", "--expert-model-parallel-size", "2", "--moe-ffn-hidden-size", "64",
+    "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "64", "--moe-shared-expert-gate",
+    "--disable-bias-linear",  # Megatron's shared experts take no bias
+    "--moe-router-load-balancing-type", "global_aux_loss", "--moe-aux-loss-coeff", "0.1",
+    "--hyperball-router-sphere", "none",
+]
+MOE_KEYS = ("decoder.layers.mlp.router.weight", "decoder.layers.mlp.shared_experts.gate_weight")
+
+
+def _dcp_tensors(path: Path, keys) -> dict:
+    """The named tensors of a torch_dist checkpoint (Megatron's format: PyTorch DCP), one process."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    out = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in keys}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    return {k: v.double() for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    """MuonH (bf16, layer-wise) on a 2-layer MoE GPT: 4 experts over EP 2 with a gated shared expert,
+    the router on Adam (--hyperball-router-sphere none), global_aux_loss; checkpoints at 5 and 10."""
+    if not PRETRAIN_GPT.is_file():
+        pytest.skip(needs_megatron_lm.kwargs["reason"])
+    work = tmp_path_factory.mktemp("dropin_moe")
+    tiny = [str(a) for a in TINY_GPT]
+    tiny[tiny.index("--train-iters") + 1] = str(MOE_STEPS)
+    rc, out = _launch(work, [PRETRAIN_GPT, *tiny, *OPTIMIZERS["muonh"], *MOE_FLAGS,
+                             "--save", work / "ckpt", "--save-interval", str(MOE_SAVE),
+                             "--tensorboard-dir", work / "tb", "--hyperball-metrics-interval", "1"])
+    assert rc == 0, out[-6000:]
+    ckpt = {it: _dcp_tensors(work / "ckpt" / f"iter_{it:07d}", MOE_KEYS) for it in (MOE_SAVE, MOE_STEPS)}
+    return {"out": out, "tb": tb_scalars(work / "tb"), "ckpt": ckpt}
+
+
+@needs_megatron_lm
+def test_moe_tags_and_aux_loss_weight_are_printed(moe_run):
+    out = moe_run["out"]
+    # dp = 2: Megatron's global_aux_loss steps coeff dL/dW / dp, so it gets 0.1 x 2 (models.aux_loss)
+    assert "[hyperball] MoE: global aux loss weight 0.1 (Megatron's coefficient 0.2 = it x dp 2); router sphere " \
+           "none, shared-expert gate Adam" in out
+    printed = [line.removeprefix("[hyperball] optimizer: ") for line in out.splitlines()
+               if line.startswith("[hyperball] optimizer: ")]
+    assert printed == PATHS["muonh"], printed
+    # the logged loss is HyperP's L (~1 for near-uniform routing), not scaled by the corrected coefficient
+    values = list(moe_run["tb"]["global_load_balancing_loss"].values())
+    assert len(values) == MOE_STEPS and all(0.95 < v < 1.2 for v in values), values
+
+
+@needs_megatron_lm
+def test_moe_router_and_gate_take_adam_the_spheres_hold(moe_run):
+    tb = moe_run["tb"]
+    for kind in SPHERE_TYPES + ("expert_fc1", "expert_fc2"):  # MuonH: each held at its initial norm
+        values = list(tb[f"hyperball/weight_norm/{kind}"].values())
+        assert len(values) == MOE_STEPS and max(values) / min(values) - 1 < 1e-4, (kind, values)
+    # the router on Adam: it moves and its norm is not held (measured 0.354 at step 1 -> 0.519 at 10;
+    # as a sphere matrix it would stay within 1e-4)
+    router = tb["hyperball/weight_norm/router"]
+    assert router[MOE_STEPS] / router[1] > 1.2, router
+    assert all(r > 0.01 for r in tb["hyperball/rel_update/router"].values())
+    # the (1, h) shared-expert gate, in no metric: from the checkpoints at steps 5 and 10, per layer
+    a, b = moe_run["ckpt"][MOE_SAVE], moe_run["ckpt"][MOE_STEPS]
+    for key in MOE_KEYS:
+        assert a[key].shape[0] == 2, key  # one per layer
+        for layer in range(2):
+            na, nb = a[key][layer].norm().item(), b[key][layer].norm().item()
+            assert (a[key][layer] != b[key][layer]).any(), key  # stepped
+            assert nb / na > 1.05, (key, layer, na, nb)  # measured 1.15-1.18: not held on a sphere
+
+
+def test_dropin_moe_router_mode_and_aux_loss_correction():
+    """Patch dropin_moe_model's reading of the flags (no Megatron-LM script): the router mode, refused
+    with an optimizer without spheres, and the coefficient Megatron gets."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from megatron.training import global_vars
+
+    from megatron_hyperball.models.aux_loss import corrected_global_aux_loss
+    from megatron_hyperball.patches.moe import _dropin_moe_run
+
+    moe, dense = SimpleNamespace(num_moe_experts=4), SimpleNamespace(num_moe_experts=None)
+    saved = global_vars._GLOBAL_ARGS
+    try:
+        global_vars._GLOBAL_ARGS = Namespace(optimizer="muonh", hyperball_router_sphere=None)
+        assert _dropin_moe_run(moe)[1] == "frobenius" and _dropin_moe_run(dense) is None
+        global_vars._GLOBAL_ARGS = Namespace(optimizer="adamh", hyperball_router_sphere="row")
+        assert _dropin_moe_run(moe)[1] == "row"
+        global_vars._GLOBAL_ARGS = Namespace(optimizer="adam", hyperball_router_sphere=None)
+        assert _dropin_moe_run(moe)[1] is None  # Megatron's own optimizers: no tags
+        global_vars._GLOBAL_ARGS = Namespace(optimizer="adam", hyperball_router_sphere="frobenius")
+        with pytest.raises(ValueError, match="--hyperball-router-sphere frobenius given with --optimizer adam.*"
+                                             "allowed with it: none"):
+            _dropin_moe_run(moe)
+        global_vars._GLOBAL_ARGS = Namespace(optimizer="muonh")  # the YAML entry's parser: its provider does it
+        assert _dropin_moe_run(moe) is None
+    finally:
+        global_vars._GLOBAL_ARGS = saved
+    assert corrected_global_aux_loss([0.1], ["global_aux_loss"], 2) == (
+        0.2, "global aux loss weight 0.1 (Megatron's coefficient 0.2 = it x dp 2)")
+    assert corrected_global_aux_loss([0.1], ["aux_loss"], 4) is None
+    assert corrected_global_aux_loss([0.1, 0.01], ["aux_loss", "global_aux_loss"], 4)[0] == [0.1, 0.04]
+
+
 # -- refusals: Megatron's own parser, before any process group -------------------------------------
 _ERR = "pretrain_gpt.py: error: "
 BAD_FLAGS = {  # case: (flags, what Megatron's parser prints)
@@ -187,6 +297,9 @@ BAD_FLAGS = {  # case: (flags, what Megatron's parser prints)
                                         [_ERR + "argument --block-output-scale: block_output_scale=0.0 must be "
                                                 "a positive finite number; allowed: 1/sqrt(2L), 1/L, "
                                                 "<positive number>, none"]),
+    "router_sphere_not_a_choice": (["--hyperball-router-sphere", "rows"],
+                                   [_ERR + "argument --hyperball-router-sphere: invalid choice: 'rows' "
+                                           "(choose from 'frobenius', 'row', 'none')"]),
     "update_norm_not_a_choice": (["--hyperball-update-norm", "exactly"],
                                  [_ERR + "argument --hyperball-update-norm: invalid choice: 'exactly' "
                                          "(choose from 'exact', 'shape')"]),

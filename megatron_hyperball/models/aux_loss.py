@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
-__all__ = ["megatron_aux_loss_coeff"]
+__all__ = ["megatron_aux_loss_coeff", "corrected_global_aux_loss"]
 
 Coeff = Union[float, Sequence[float]]
 
@@ -33,3 +33,19 @@ def megatron_aux_loss_coeff(coeff: Coeff, loss_type: Union[str, Sequence[str]], 
         return float(coeff) * (data_parallel_size if loss_type == "global_aux_loss" else 1)
     coeffs = list(coeff) if isinstance(coeff, (list, tuple)) else [float(coeff)] * len(loss_type)
     return [float(c) * (data_parallel_size if t == "global_aux_loss" else 1) for c, t in zip(coeffs, loss_type)]
+
+
+def corrected_global_aux_loss(coeff: Coeff, loss_type: Union[str, Sequence[str]],
+                              data_parallel_size: int) -> tuple[Coeff, str] | None:
+    """For a run whose ``--moe-router-load-balancing-type`` includes global_aux_loss: (Megatron's
+    ``moe_aux_loss_coeff``, the note to print), a one-entry list read as its value (Megatron's
+    parser keeps ``nargs='+'`` lists); None when no type is global_aux_loss (nothing to correct)."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if "global_aux_loss" not in types:
+        return None
+    if len(types) == 1:
+        loss_type = types[0]
+    if isinstance(coeff, (list, tuple)) and len(coeff) == 1:
+        coeff = coeff[0]
+    out = megatron_aux_loss_coeff(coeff, loss_type, data_parallel_size)
+    return out, (f"global aux loss weight {coeff} (Megatron's coefficient {out} = it x dp {data_parallel_size})")
