@@ -388,6 +388,9 @@ class OptimizerSection(_Section):
     """Hyperball optimizers: 'exact' (default) or 'shape'."""
     output_layer_on_sphere: bool = False
     """adamh: put the output layer on a sphere too (HyperP, Marin)."""
+    split_qkv: bool = False
+    """adamh / muonh: Q, K and V of the fused attention QKV matrix each on its own sphere (HyperP's
+    separate matrices); default one sphere for the fused matrix."""
     embedding_lr: Optional[Num] = Field(None, gt=0)
     output_lr: Optional[Num] = Field(None, gt=0)
     scalar_lr: Optional[Num] = Field(None, gt=0)
@@ -500,6 +503,11 @@ class OptimizerSection(_Section):
                    if self.md else "the output layer takes Adam")
             p.append(("output_layer_on_sphere", f"true with optimizer '{self.name}'; allowed only with adamh "
                                                 f"(with {self.name} {why})"))
+        if self.split_qkv and (self.md or not self.sphere or (self.muon_family and self.update_norm == "shape")):
+            why = (" with update_norm 'shape' (MuonH's shape factor is the fused matrix's, not each part's)"
+                   if self.sphere and not self.md else "")
+            p.append(("split_qkv", f"true with optimizer '{self.name}'{why}; allowed: false, or true with adamh, "
+                                   f"or with muonh and update_norm exact"))
         if not self.md:
             for key in ("gains", "gain_parametrization", "gain_lr"):
                 if getattr(self, key) is not None:

@@ -81,6 +81,8 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="exact: W - lr R u/||u||; shape: W - lr s u (MD's convention)")
     group.add_argument("--hyperball-output-layer", action="store_true",
                        help="adamh: put the (untied) output layer on a sphere too")
+    group.add_argument("--hyperball-split-qkv", action="store_true",
+                       help="adamh / muonh: Q, K and V of the fused linear_qkv each on its own sphere")
     for key in PER_GROUP_LR_KEYS:
         group.add_argument(f"--hyperball-{key.replace('_', '-')}", type=_positive_float, default=None,
                            help=f"peak lr of the {key.split('_')[0]} parameters (decays like the main lr)")

@@ -37,7 +37,7 @@ from megatron_hyperball.mcore.muon_tp import TensorParallelMuonH
 from megatron_hyperball.mcore.options import hyperball_options
 from megatron_hyperball.mcore.reduce import Reduction, all_reduce_partials_, group_rank, group_size
 from megatron_hyperball.mcore.roles import is_sphere_param, named_params, sphere_mode
-from megatron_hyperball.mcore.sphere_index import build_index, full_shape, sphere_keys
+from megatron_hyperball.mcore.sphere_index import QKV_PARTS, build_index, full_shape, qkv_part_of_rows, sphere_keys
 from megatron_hyperball.optim import AdamH, AdamMD
 from megatron_hyperball.optim.sphere import fixed_radius
 
@@ -82,31 +82,50 @@ def _check_muon_layout(config, model_chunks) -> None:
 
 
 @torch.no_grad()
-def prepare_model_spheres(spheres, param_names, radius, pg_collection) -> None:
+def prepare_model_spheres(spheres, param_names, radius, pg_collection, qkv_splits=None) -> None:
     """Refuse zero matrices and move matrices onto a fixed-radius sphere, on the model params.
 
     Runs before Megatron copies model params into its fp32 main params. Norms of TP-sharded
-    matrices are summed over TP (one all-reduce per TP group).
+    matrices are summed over TP (one all-reduce per TP group). A split QKV (``qkv_splits``) is
+    checked and scaled part by part (its Q, K, V rows).
     """
-    sq = torch.stack([p.detach().float().pow(2).sum() for p in spheres]) if spheres else torch.zeros(0)
+    qkv_splits = qkv_splits or {}
+    entries = []  # (param, part rows mask or None, full shape of the sphere, label)
+    for p in spheres:
+        tp_group = tree.tp_group_of(p, pg_collection)
+        shape = full_shape(p, tp_group)
+        split = qkv_splits.get(p)
+        if split is None:
+            entries.append((p, None, shape, param_names[p]))
+            continue
+        rows = _local_rows(p, tp_group, None, p.device).view(p.shape[0], -1)[:, 0]
+        part = qkv_part_of_rows(rows, split)
+        for i, (rows_per_group, label) in enumerate(zip(split, QKV_PARTS[len(split)])):
+            entries.append((p, part == i, (shape[0] // sum(split) * rows_per_group, shape[1]),
+                            f"{param_names[p]}[{label}]"))
+    sq = (torch.stack([(p if mask is None else p[mask]).detach().float().pow(2).sum() for p, mask, _, _ in entries])
+          if entries else torch.zeros(0))
     all_reduce_partials_(sq.unsqueeze(1), [
         Reduction(tp_group=tree.tp_group_of(p, pg_collection),
-                  replicated_over_tp=not getattr(p, "tensor_model_parallel", False)) for p in spheres])
+                  replicated_over_tp=not getattr(p, "tensor_model_parallel", False)) for p, _, _, _ in entries])
     norms = sq.sqrt().tolist()
-    for p, norm in zip(spheres, norms):
+    for (p, mask, shape, label), norm in zip(entries, norms):
         if not norm > 0 or norm == float("inf"):
             raise ValueError(
-                f"parameter '{param_names[p]}' (shape {tuple(p.shape)}) has Frobenius norm {norm}; a "
+                f"parameter '{label}' (shape {tuple(p.shape)}) has Frobenius norm {norm}; a "
                 f"sphere needs a finite nonzero matrix. Initialise it (e.g. init_method_std > 0) "
                 f"or keep it off the sphere."
             )
-        r = fixed_radius(radius, full_shape(p, tree.tp_group_of(p, pg_collection)))
+        r = fixed_radius(radius, shape)
         if r is not None:
-            p.mul_(r / norm)
+            if mask is None:
+                p.mul_(r / norm)
+            else:
+                p[mask] *= r / norm
 
 
 # -- after construction: install sphere indexes ------------------------------------------------------
-def _sphere_index_for(leaf, sphere_set, pg_collection, param_names):
+def _sphere_index_for(leaf, sphere_set, pg_collection, param_names, qkv_splits=None):
     mains = {p: m.tensor for p, m in tree.main_params(leaf).items() if p in sphere_set}
     for model_param, main in mains.items():
         main._hyperball_model_param = model_param  # the TP attributes live on the model param
@@ -120,26 +139,48 @@ def _sphere_index_for(leaf, sphere_set, pg_collection, param_names):
     device = next(iter(mains.values())).device if mains else torch.device(
         "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu")
     index = build_index(spheres, mains, lambda p: (dp_group, tree.tp_group_of(p, pg_collection)), device,
-                        param_names, rows_of=_element_rows(leaf, pg_collection))
+                        param_names, rows_of=_element_rows(leaf, pg_collection), qkv_splits=qkv_splits)
     _check_same_count_over_tp(index)
     return index
 
 
+def _local_rows(model_param, tp_group, flat, device) -> torch.Tensor:
+    """The full-matrix row (int64) of each element of a rank's TP shard of ``model_param``, or of
+    its ZeRO-1 ``flat`` range of that shard (``mcore.coords``)."""
+    rows = [torch.arange(b.row, b.row + b.rows, device=device).repeat_interleave(b.cols)
+            for b in param_blocks(model_param, group_size(tp_group), group_rank(tp_group), flat)]
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=device)
+
+
 def _element_rows(leaf, pg_collection):
     """rows_of for build_index: the full-matrix row of each local element (coords), from the TP shard
-    and, on ZeRO-1, this rank's flat range of the param (row-sphere params only)."""
+    and, on ZeRO-1, this rank's flat range of the param (params holding several spheres only)."""
     def rows_of(model_param, tensor):
-        tp_group = tree.tp_group_of(model_param, pg_collection)
         flat = None
         if isinstance(leaf, DistributedOptimizer):
             r = leaf._get_model_param_range_map(model_param)["param"]
             flat = (r.start, r.end)
-        rows = []
-        for b in param_blocks(model_param, group_size(tp_group), group_rank(tp_group), flat):
-            rows.append(torch.arange(b.row, b.row + b.rows, device=tensor.device).repeat_interleave(b.cols))
-        return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=tensor.device)
+        return _local_rows(model_param, tree.tp_group_of(model_param, pg_collection), flat, tensor.device)
 
     return rows_of
+
+
+def qkv_splits_of(model_chunks, spheres, param_names) -> dict:
+    """split_qkv: each fused ``linear_qkv`` sphere -> its rows per part per query group (Megatron's
+    own ``_get_qkv_split_shapes``, the split its Muon Newton-Schulz uses)."""
+    from megatron.core.optimizer.emerging_optimizers import _get_qkv_split_shapes
+
+    split = _get_qkv_split_shapes(model_chunks[0].config)
+    out = {}
+    for p in spheres:
+        name = param_names[p]
+        if not name.endswith("linear_qkv.weight"):
+            continue
+        if p.dim() != 2 or p.shape[0] % sum(split) != 0:
+            raise ValueError(f"hyperball_split_qkv: '{name}' (shape {tuple(p.shape)}) is not whole query groups "
+                             f"of {split} rows (Q, K, V); allowed: hyperball_split_qkv False for this model")
+        out[p] = split
+    return out
 
 
 def _check_same_count_over_tp(index) -> None:
@@ -180,13 +221,14 @@ def gain_layout(leaf, sphere_set, pg_collection):
     return layout
 
 
-def _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names, md: bool = False) -> None:
+def _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names, md: bool = False,
+                   qkv_splits=None) -> None:
     if getattr(leaf, "is_stub_optimizer", False) or not hasattr(leaf, "optimizer"):
         return
     if not config.decoupled_weight_decay:
         raise ValueError(f"optimizer '{config.optimizer}' supports decoupled weight decay only "
                          "(OptimizerConfig.decoupled_weight_decay=True)")
-    index = _sphere_index_for(leaf, sphere_set, pg_collection, param_names)
+    index = _sphere_index_for(leaf, sphere_set, pg_collection, param_names, qkv_splits)
     groups = leaf.optimizer.param_groups
     for group in groups:
         group["sphere"] = any(index.sphere_of(p) is not None for p in group["params"])
@@ -244,10 +286,20 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         raise ValueError(f"'{rows[0]}' is tagged for row spheres (router_sphere 'row'), which optimizer "
                          f"'{name}' with update norm '{hb.update_norm}' does not support; allowed: adamh / muonh "
                          f"with hyperball_update_norm 'exact' (or router_sphere frobenius / none)")
+    qkv_splits = {}
+    if hb.split_qkv:
+        if info.md or (info.muon and (hb.update_norm == "shape" or not config.muon_split_qkv)):
+            why = ("gains are per fused matrix" if info.md else
+                   "update norm 'shape' (MuonH's shape factor is the fused matrix's, not each part's)"
+                   if hb.update_norm == "shape" else
+                   "muon_split_qkv False (Newton-Schulz must orthogonalize Q, K, V apart, as their spheres are)")
+            raise ValueError(f"OptimizerConfig.hyperball_split_qkv=True with optimizer '{name}': {why}; allowed: "
+                             f"adamh, or muonh with hyperball_update_norm 'exact' and muon_split_qkv True")
+        qkv_splits = qkv_splits_of(model_chunks, spheres, param_names)
     _check_no_weight_decay_on_spheres(config, config_overrides, spheres, param_names)
     if info.muon:
         _check_muon_layout(config, model_chunks)
-    prepare_model_spheres(spheres, param_names, hb.radius, pg_collection)
+    prepare_model_spheres(spheres, param_names, hb.radius, pg_collection, qkv_splits)
     keys = sphere_keys(model_chunks)  # checkpointed hook state (radius, gains) by whole-model name
 
     overrides = dict(get_standard_config_overrides(config) if config_overrides is None else config_overrides)
@@ -259,7 +311,7 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         opt = original(adam_config, model_chunks, overrides, use_gloo_process_groups, pg_collection,
                        dump_param_to_param_group_map)
         for leaf in tree.leaves(opt):
-            _install_adamh(leaf, config, hb, sphere_set, pg_collection, keys, md=info.md)
+            _install_adamh(leaf, config, hb, sphere_set, pg_collection, keys, md=info.md, qkv_splits=qkv_splits)
         return opt
 
     registered = "muonmd" if info.md else "muonh"
@@ -270,7 +322,7 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
     for leaf in tree.leaves(opt):
         muon = tree.inner(leaf)
         if isinstance(muon, TensorParallelMuonH):
-            muon.set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection, keys))
+            muon.set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection, keys, qkv_splits))
             if info.md:
                 muon.md_hook.layout = gain_layout(leaf, sphere_set, pg_collection)
     return opt

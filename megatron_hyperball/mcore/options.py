@@ -24,6 +24,7 @@ class HyperballOptions:
     gain_parametrization: str = names.GAIN_PARAMETRIZATIONS[0]
     gain_lr: float = names.DEFAULT_GAIN_LR
     allow_missing_gains: bool = False
+    split_qkv: bool = False  # Q, K, V of the fused linear_qkv each on its own sphere (AdamH / MuonH)
 
 
 @dataclass
@@ -36,6 +37,10 @@ class HyperballOptimizerConfig(OptimizerConfig):
 
     hyperball_output_layer: bool = False
     """Put the output layer on a sphere (AdamH; HyperP and Marin do)."""
+
+    hyperball_split_qkv: bool = False
+    """Q, K and V of Megatron's fused linear_qkv each on its own sphere (HyperP's separate matrices;
+    AdamH / MuonH, MuonH with Megatron's muon_split_qkv Newton-Schulz)."""
 
     md_gains: str = names.GAIN_MODES[0]
     """AdamMD / MuonMD: which gains W = diag(g_row) V diag(g_col) learns: row_col, row, col, scalar, none."""
@@ -65,5 +70,8 @@ def hyperball_options(config) -> HyperballOptions:
     allow_missing = getattr(config, "md_allow_missing_gains", False)
     if not isinstance(allow_missing, bool):
         raise ValueError(f"OptimizerConfig.md_allow_missing_gains={allow_missing!r}; allowed: True, False")
+    split_qkv = getattr(config, "hyperball_split_qkv", False)
+    if not isinstance(split_qkv, bool):
+        raise ValueError(f"OptimizerConfig.hyperball_split_qkv={split_qkv!r}; allowed: True, False")
     return HyperballOptions(radius, update_norm, bool(getattr(config, "hyperball_output_layer", False)),
-                            gains, parametrization, float(gain_lr), allow_missing)
+                            gains, parametrization, float(gain_lr), allow_missing, split_qkv)

@@ -158,6 +158,7 @@ def to_megatron_args(cfg: HyperballConfig, *, transformer_impl: Optional[str] = 
         flag("--hyperball-radius", "init" if opt.radius is None else opt.radius)
         flag("--hyperball-update-norm", "exact" if opt.update_norm is None else opt.update_norm)
         flag("--hyperball-output-layer", opt.output_layer_on_sphere)
+        flag("--hyperball-split-qkv", opt.split_qkv)
     if spec.md:
         flag("--md-gains", opt.resolved_gains())
         flag("--md-gain-parametrization", opt.resolved_gain_parametrization())
