@@ -19,6 +19,13 @@ number of steps is cut (``--steps``) to fit a loaded 2-core CPU. A run is skippe
 ``result.json`` exists. The numbers come from each run's TensorBoard files: ``indicators/mlp_rms/*``
 (RMS of alpha * MoE output, alpha = 1/sqrt(2L) Depth-muP, at ``logging.metrics_interval``) and
 ``lm loss validation`` (the end-of-training evaluation).
+
+A confound the table separates: with the default ``optimizer.radius: init`` each expert matrix keeps its
+initial Frobenius norm, and Megatron initialises with a fixed std (0.02, fc2 0.02/sqrt(2L)), not a
+fan-in-scaled one, so ||fc2|| = 0.02/sqrt(2L) sqrt(h f_e) (1.108 at f_e = 192, measured) and an
+expert's output RMS scales as sqrt(f_e) ~ 1/sqrt(k) before any gate. The column ``RMS x sqrt(k/2)``
+removes that factor (relative to k = 2), leaving the gates' share: sqrt(sum_i g_i^2), which is 1 for
+SqrtGate and 1/sqrt(k) for uniform softmax gates.
 """
 
 from __future__ import annotations
@@ -125,17 +132,18 @@ def collect() -> dict[str, dict]:
 
 def table(res: dict[str, dict]) -> str:
     lines = ["| k | E | f_e | gates | MoE out RMS, first log (step 5) | MoE out RMS, final | attn out RMS, final | "
-             "MaxVio, final | val loss | wall |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "MaxVio, final | val loss | wall | final RMS x sqrt(k/2) |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, k, gate in sorted(runs(), key=lambda r: (r[2], r[1])):
         r = res.get(name)
         if r is None:
-            lines.append(f"| {k} | {TOTAL_OVER_ACTIVE * k} | {ACTIVE // k} | {gate} | missing | | | | | |")
+            lines.append(f"| {k} | {TOTAL_OVER_ACTIVE * k} | {ACTIVE // k} | {gate} | missing | | | | | | |")
             continue
         f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
         lines.append(f"| {k} | {TOTAL_OVER_ACTIVE * k} | {ACTIVE // k} | {gate} | {f(r['rms_first'], '.3e')} | "
                      f"{f(r['rms_final'], '.3e')} | {f(r['attn_rms_final'], '.3e')} | {f(r['maxvio_final'], '.2f')} | "
-                     f"{f(r['val'], '.4f')} | {r['wall_s']:.0f} s |")
+                     f"{f(r['val'], '.4f')} | {r['wall_s']:.0f} s | "
+                     f"{f(r['rms_final'] and r['rms_final'] * (k / 2) ** 0.5, '.3e')} |")
     return "\n".join(lines)
 
 
@@ -176,10 +184,12 @@ def plot(res: dict[str, dict], path: Path) -> None:
     b.set(xlabel="top-k (E = 4k, f_e = 384/k)", ylabel="RMS of alpha * MoE output", xscale="log", yscale="log",
           title="MoE output RMS vs granularity")
     b.set_xticks([2, 4, 8], ["2", "4", "8"])
+    b.set_xticks([], minor=True)
     b.legend(fontsize=7)
     c.set(xlabel="top-k (E = 4k, f_e = 384/k)", ylabel="validation loss (end of training)", xscale="log",
           title="held-out loss vs granularity")
     c.set_xticks([2, 4, 8], ["2", "4", "8"])
+    c.set_xticks([], minor=True)
     c.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
