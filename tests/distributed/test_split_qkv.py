@@ -135,14 +135,16 @@ def test_adamh_zero1_split_qkv(parallel, monkeypatch, dp, tp, radius, groups, bu
     check(params, "adamh", radius, groups, f"AdamH split_qkv dp{dp} tp{tp} {radius} groups {groups}")
 
 
-@pytest.mark.parametrize("dp", [
-    pytest.param(1, id="dp1", marks=pytest.mark.world_size(1)),
-    pytest.param(2, id="dp2", marks=pytest.mark.world_size(2)),
+@pytest.mark.parametrize("dp,tp", [
+    pytest.param(1, 1, id="dp1", marks=pytest.mark.world_size(1)),
+    pytest.param(2, 1, id="dp2", marks=pytest.mark.world_size(2)),
+    # each TP rank holds one query group; Megatron's NS gathers each part over TP
+    pytest.param(1, 2, id="tp2", marks=pytest.mark.world_size(2)),
 ])
-def test_muonh_layer_wise_split_qkv(parallel, monkeypatch, dp):
-    parallel()
+def test_muonh_layer_wise_split_qkv(parallel, monkeypatch, dp, tp):
+    parallel(tp=tp)
     _, _, params = run("muonh", monkeypatch)
-    check(params, "muonh", "init", 2, f"MuonH split_qkv dp{dp}")
+    check(params, "muonh", "init", 2, f"MuonH split_qkv dp{dp} tp{tp}")
 
 
 @pytest.mark.world_size(1)
