@@ -606,12 +606,12 @@ def test_hyperball_flags_build_the_optimizer_config(megatron_parsed):
     assert hb["opt_config_class"] == "HyperballOptimizerConfig" and hb["opt_config"]["optimizer"] == "adamh"
     assert hb["hyperball_options"] == {"radius": 2.5, "update_norm": "shape", "output_layer": True,
                                        "gains": "row_col", "gain_parametrization": "softplus", "gain_lr": 1e-3,
-                                       "allow_missing_gains": False}
+                                       "allow_missing_gains": False, "split_qkv": False}
     mh = megatron_parsed["muonh"]
     assert mh["opt_config"]["optimizer"] == "muonh"
     assert mh["hyperball_options"] == {"radius": "init", "update_norm": "exact", "output_layer": False,
                                        "gains": "row_col", "gain_parametrization": "softplus", "gain_lr": 1e-3,
-                                       "allow_missing_gains": False}
+                                       "allow_missing_gains": False, "split_qkv": False}
     assert mh["opt_config"]["muon_momentum"] == 0.9
     assert megatron_parsed["adamw_moe_own_data"]["opt_config"]["optimizer"] == "adam"
 
@@ -625,9 +625,9 @@ def test_md_flags_through_megatron(megatron_parsed):
     assert (a["md_gains"], a["md_gain_parametrization"], a["md_gain_lr"], a["md_allow_missing_gains"]) == \
         ("row", "softplus", 0.002, True)
     assert m["opt_config"]["optimizer"] == "muonmd"
-    assert m["hyperball_options"] == {"radius": "sqrt_max_dim", "update_norm": "shape", "output_layer": False,
-                                      "gains": "row", "gain_parametrization": "softplus", "gain_lr": 0.002,
-                                      "allow_missing_gains": True}
+    want = {"radius": "sqrt_max_dim", "update_norm": "shape", "output_layer": False, "gains": "row",
+            "gain_parametrization": "softplus", "gain_lr": 0.002, "allow_missing_gains": True}
+    assert {k: m["hyperball_options"][k] for k in want} == want
     d = megatron_parsed["adammd"]
     assert d["args"]["optimizer"] == "adammd" and d["args"]["use_distributed_optimizer"] is True
     assert d["args"]["use_layer_wise_distributed_optimizer"] is False
