@@ -1,7 +1,7 @@
 """Megatron-LM's own training script, unmodified, with the plugin: the drop-in launcher.
 
     torchrun --nproc-per-node 8 -m megatron_hyperball.run pretrain_gpt.py <Megatron flags> \\
-        --optimizer adamh --hyperball-radius init          # or --optimizer muonh
+        --optimizer adamh --hyperball-radius init          # or muonh, adammd, muonmd
 
 Every rank runs :func:`main`, which
 
@@ -48,13 +48,18 @@ usage: torchrun [torchrun options] -m megatron_hyperball.run SCRIPT [Megatron fl
   SCRIPT   a Megatron-LM training script, unmodified (e.g. Megatron-LM's pretrain_gpt.py)
 
 plugin flags (on Megatron's own parser):
-  --optimizer adamh|muonh          AdamH on Megatron's ZeRO-1 DistributedOptimizer (with
-                                   --use-distributed-optimizer), MuonH on its layer-wise optimizer
+  --optimizer adamh|muonh|adammd|muonmd   AdamH / AdamMD on Megatron's ZeRO-1 DistributedOptimizer
+                                   (with --use-distributed-optimizer), MuonH / MuonMD on its
+                                   layer-wise optimizer
   --hyperball-radius init|sqrt_max_dim|<positive number>
   --hyperball-update-norm exact|shape
   --hyperball-output-layer         adamh: the untied output layer on a sphere too
   --hyperball-embedding-lr / --hyperball-output-lr / --hyperball-scalar-lr <positive number>
   --hyperball-metrics-interval N   hyperball/weight_norm/* and hyperball/rel_update/* every N steps
+  --hyperball-split-qkv            Q, K, V of the fused linear_qkv each on its own sphere
+  --md-gains row_col|row|col|scalar|none   adammd / muonmd gains (default row_col)
+  --md-gain-parametrization softplus|direct   --md-gain-lr <positive number> (default 1e-3)
+  --md-allow-missing-gains         load a checkpoint without gains (gains start at 1)
   --block-output-scale 1/sqrt(2L)|1/L|<positive number>|none   Depth-muP (default none)
   --hyperball-router-sphere frobenius|row|none   MoE router under a sphere optimizer (default
                                    frobenius); the shared-expert gate takes Adam
@@ -103,11 +108,11 @@ def known_failure(flags: Sequence[str]) -> Optional[str]:
     """A flag combination megatron-core 0.19.2 is known to fail on, as Megatron's parser would say it
     (the YAML entry refuses the same in ``config.launch``); None when there is none.
 
-    fp32 MuonH on the layer-wise optimizer trains, but its first checkpoint save fails: the fp32
+    fp32 MuonH / MuonMD on the layer-wise optimizer trains, but its first checkpoint save fails: the fp32
     members are FP32Optimizers, whose sharded state dict lacks the 'optimizer' key that
     LayerWiseDistributedOptimizer.sharded_state_dict reads."""
     optimizer = _last_value(flags, "--optimizer")
-    if optimizer not in ("muonh", "muon_hyperball"):
+    if optimizer not in ("muonh", "muon_hyperball", "muonmd"):
         return None
     if "--use-distributed-optimizer" in flags and "--bf16" not in flags and "--fp16" not in flags \
             and _last_value(flags, "--save") is not None:

@@ -386,3 +386,5 @@ def test_launcher_usage_errors(tmp_path, capsys):
     # fp32 MuonH on the layer-wise optimizer cannot save in megatron-core 0.19.2: refused before anything runs
     assert main([str(script), "--optimizer", "muonh", "--use-distributed-optimizer", "--save", "x"]) == EXIT_USAGE
     assert "cannot save checkpoints with megatron-core 0.19.2; allowed: add --bf16" in capsys.readouterr().err
+    assert main([str(script), "--optimizer", "muonmd", "--use-distributed-optimizer", "--save", "x"]) == EXIT_USAGE
+    assert "--optimizer muonmd in fp32" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def _not_implemented(cfg: HyperballConfig) -> list[tuple[str, str]]:
             p.append(("precision", "fp32 with optimizer 'muon' on Megatron's layer-wise optimizer fails in "
                                    "megatron-core 0.19.2; allowed: bf16"))
         elif cfg.checkpoint.save is not None:
-            p.append(("precision", "fp32 with optimizer 'muonh' on the layer-wise optimizer cannot save "
+            p.append(("precision", f"fp32 with optimizer '{opt.name}' on the layer-wise optimizer cannot save "
                                    "checkpoints yet (megatron-core 0.19.2); allowed: bf16, or no checkpoint.save"))
     return p
 
