@@ -97,17 +97,10 @@ def run_all(steps: int) -> None:
 
 
 def tb_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} over the TensorBoard event files in ``tb_dir`` (a later file wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """tag -> {step: value} of a run's TensorBoard files (the dashboard's reader)."""
+    from megatron_hyperball.dashboard import read_scalars
 
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(Path(tb_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            for event in acc.Scalars(tag):
-                out.setdefault(tag, {})[event.step] = event.value
-    return out
+    return read_scalars(tb_dir)
 
 
 def collect() -> dict[str, dict]:

@@ -568,3 +568,18 @@ def md_gains_by_name(optimizer) -> Dict[str, Dict[str, torch.Tensor]]:
         for key, gains in hook.gain_values(torch_opt.sphere_index()).items():
             out[re.sub(r"^(module\.)+", "", key)] = gains
     return out
+
+
+def assert_gains_close(gains: dict, ref_gains: dict, params: dict, tol: float) -> None:
+    """Every sphere's row and column gains equal the reference's, relative to how far they moved
+    from 1 (the start), and the reference's gains did move (> 0.02 somewhere)."""
+    assert set(gains) == {n for n in params if is_sphere(n)}  # every rank holds every sphere's gains
+    moved = 0.0
+    for name, g in gains.items():
+        for side, key in (("row", "r"), ("col", "c")):
+            want = ref_gains[name][key]
+            err = ((g[side].double() - want).norm() / (want - 1).norm()).item()
+            assert err < tol, (name, side, err)
+            moved = max(moved, (want - 1).abs().max().item())
+    assert moved > 0.02
+
