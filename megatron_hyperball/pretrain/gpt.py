@@ -110,19 +110,15 @@ def _correct_global_aux_loss(args, config) -> str:
     Megatron's global_aux_loss gradient is 1/dp of it); returns a note for the build line."""
     from megatron.core import parallel_state
 
-    from megatron_hyperball.models.aux_loss import megatron_aux_loss_coeff
+    from megatron_hyperball.models.aux_loss import corrected_global_aux_loss
 
-    types = args.moe_router_load_balancing_type
-    if "global_aux_loss" not in ([types] if isinstance(types, str) else types):
+    # from the config's coefficient every time: the same for every model chunk
+    fix = corrected_global_aux_loss(args.moe_aux_loss_coeff, args.moe_router_load_balancing_type,
+                                    parallel_state.get_data_parallel_world_size())
+    if fix is None:
         return ""
-    dp = parallel_state.get_data_parallel_world_size()
-    coeff = args.moe_aux_loss_coeff  # the config's; recomputed from it for every model chunk
-    if isinstance(types, (list, tuple)) and len(types) == 1:
-        types = types[0]
-    if isinstance(coeff, (list, tuple)) and len(coeff) == 1:
-        coeff = coeff[0]
-    config.moe_aux_loss_coeff = megatron_aux_loss_coeff(coeff, types, dp)
-    return f"; global aux loss weight {coeff} (Megatron's coefficient {config.moe_aux_loss_coeff} = it x dp {dp})"
+    config.moe_aux_loss_coeff, note = fix
+    return f"; {note}"
 
 
 # -- data -------------------------------------------------------------------------------------------
