@@ -583,3 +583,40 @@ def assert_gains_close(gains: dict, ref_gains: dict, params: dict, tol: float) -
             moved = max(moved, (want - 1).abs().max().item())
     assert moved > 0.02
 
+
+def save_torch_dist(ddp, optimizer, directory, sharding: str = "dp_reshardable") -> None:
+    """Save model + optimizer as megatron.training does (torch_dist, ``sharded_state``)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state(ddp, optimizer, False, sharding), str(directory),
+                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+
+
+def load_torch_dist(ddp, optimizer, directory, sharding: str = "dp_reshardable") -> None:
+    """Load what :func:`save_torch_dist` wrote; the weights are scaled by 1.5 first, so a load that
+    missed something shows."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+
+    from megatron_hyperball.mcore.builders import unwrap
+
+    with torch.no_grad():
+        for p in ddp.parameters():
+            p.mul_(1.5)
+    loaded = dist_checkpointing.load(sharded_state(ddp, optimizer, True, sharding), str(directory),
+                                     sharded_strategy=get_default_load_sharded_strategy(str(directory)))
+    unwrap(ddp).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+
+
+def one_step_all_reduces(build_fn, name: str) -> dict:
+    """{group ranks: count} of the all-reduces in the second of two fed steps of ``build_fn(name)``."""
+    counter = AllReduceCounter()
+    ddp, optimizer, scheduler = build_fn(name, steps=2)
+    fed_steps(ddp, optimizer, scheduler, range(2), counter=counter, count_step=1)
+    return dict(counter.counts)
+

@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from megatron_hyperball.mcore.tree import describe, inner, leaves
 from tests.distributed.helpers import (
-    AllReduceCounter,
     all_max,
     assert_gains_close,
     assert_rel_close,
@@ -29,7 +28,9 @@ from tests.distributed.helpers import (
     local_optimizer_state,
     md_gains_by_name,
     md_reference,
-    sharded_state,
+    one_step_all_reduces,
+    load_torch_dist,
+    save_torch_dist,
 )
 
 WORLD_SIZES = (1, 2, 4)
@@ -84,42 +85,13 @@ def test_gain_sums_add_bytes_not_all_reduces(parallel):
     """DP 2 x TP 2: AdamMD's step makes exactly AdamH's all-reduces, per group (the gain-gradient
     sums travel in the sphere scalars' vector)."""
     parallel(tp=2)
-    counts = {}
-    for name in ("adamh", "adammd"):
-        counter = AllReduceCounter()
-        ddp, optimizer, scheduler = build_md(name, steps=2)
-        fed_steps(ddp, optimizer, scheduler, range(2), counter=counter, count_step=1)
-        counts[name] = dict(counter.counts)
+    counts = {name: one_step_all_reduces(build_md, name) for name in ("adamh", "adammd")}
     print(f"rank {dist.get_rank()}: all-reduces of one step by group ranks: {counts}")
     assert counts["adammd"] == counts["adamh"], counts
     assert sum(counts["adammd"].values()) > 0
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def _save(ddp, optimizer, directory, sharding="dp_reshardable"):
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
-    if dist.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save(sharded_state(ddp, optimizer, False, sharding), str(directory),
-                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-
-
-def _load(ddp, optimizer, directory, sharding="dp_reshardable"):
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
-
-    from megatron_hyperball.mcore.builders import unwrap
-
-    with torch.no_grad():  # start elsewhere, so a load that missed something shows
-        for p in ddp.parameters():
-            p.mul_(1.5)
-    loaded = dist_checkpointing.load(sharded_state(ddp, optimizer, True, sharding), str(directory),
-                                     sharded_strategy=get_default_load_sharded_strategy(str(directory)))
-    unwrap(ddp).load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
 
 
 @pytest.mark.world_size(2)
@@ -134,13 +106,13 @@ def test_checkpoint_resume_is_bitwise(parallel, shared_tmp_path, bf16, sharding)
     parallel()
     ddp, opt, sched = build_md(steps=steps, bf16=bf16)
     fed_steps(ddp, opt, sched, range(at))
-    _save(ddp, opt, shared_tmp_path / "ckpt", sharding)
+    save_torch_dist(ddp, opt, shared_tmp_path / "ckpt", sharding)
     fed_steps(ddp, opt, sched, range(at, steps))
     want = full_params(ddp), local_optimizer_state(opt), md_gains_by_name(opt)
 
     parallel(seed=4321)
     ddp, opt, sched = build_md(steps=steps, bf16=bf16)
-    _load(ddp, opt, shared_tmp_path / "ckpt", sharding)
+    load_torch_dist(ddp, opt, shared_tmp_path / "ckpt", sharding)
     sched.num_steps = at
     fed_steps(ddp, opt, sched, range(at, steps))
     got = full_params(ddp), local_optimizer_state(opt), md_gains_by_name(opt)
@@ -161,18 +133,18 @@ def test_checkpoint_without_gains_needs_the_option(parallel, shared_tmp_path):
     parallel()
     ddp, opt, sched = build("adamh", lr=LR, steps=4)
     fed_steps(ddp, opt, sched, range(2))
-    _save(ddp, opt, shared_tmp_path / "adamh")
+    save_torch_dist(ddp, opt, shared_tmp_path / "adamh")
     saved = full_params(ddp)
 
     parallel()
     ddp, opt, _ = build_md(steps=4)
     with pytest.raises(ValueError, match=r"no magnitude-direction gains.*md_allow_missing_gains=True"):
-        _load(ddp, opt, shared_tmp_path / "adamh")
+        load_torch_dist(ddp, opt, shared_tmp_path / "adamh")
 
     parallel()
     ddp, opt, sched = build_md(steps=4, md_allow_missing_gains=True)
     with pytest.warns(UserWarning, match="md_allow_missing_gains=True: those gains start at 1"):
-        _load(ddp, opt, shared_tmp_path / "adamh")
+        load_torch_dist(ddp, opt, shared_tmp_path / "adamh")
     loaded = full_params(ddp)
     for k in saved:
         assert torch.equal(saved[k], loaded[k]), k
@@ -196,7 +168,7 @@ def test_dp2_checkpoint_resumes_on_dp1(parallel, shared_tmp_path):
     parallel()
     ddp, opt, sched = build_md(steps=steps)
     fed_steps(ddp, opt, sched, range(at))
-    _save(ddp, opt, shared_tmp_path / "dp2")
+    save_torch_dist(ddp, opt, shared_tmp_path / "dp2")
     fed_steps(ddp, opt, sched, range(at, steps))
     want, want_gains = full_params(ddp), md_gains_by_name(opt)
     if dist.get_rank() == 0:
@@ -218,7 +190,7 @@ def test_dp2_checkpoint_resumes_on_dp1(parallel, shared_tmp_path):
 
     parallel()  # DP 1 -> DP 2
     ddp, opt, sched = build_md(steps=steps)
-    _load(ddp, opt, shared_tmp_path / "dp1ckpt")
+    load_torch_dist(ddp, opt, shared_tmp_path / "dp1ckpt")
     sched.num_steps = at
     fed_steps(ddp, opt, sched, range(at, steps))
     uninterrupted = torch.load(shared_tmp_path / "dp1_uninterrupted.pt")
@@ -236,7 +208,7 @@ def test_dp1_leg(parallel):
     steps, at = 6, 3
     parallel()
     ddp, opt, sched = build_md(steps=steps)
-    _load(ddp, opt, Path(RESHARD) / "dp2")
+    load_torch_dist(ddp, opt, Path(RESHARD) / "dp2")
     sched.num_steps = at
     fed_steps(ddp, opt, sched, range(at, steps))
     torch.save({"params": full_params(ddp), "gains": md_gains_by_name(opt)}, Path(RESHARD) / "dp1.pt")
@@ -244,7 +216,7 @@ def test_dp1_leg(parallel):
     parallel()  # the DP = 1 side of DP 1 -> DP 2: save after 3 steps, and the uninterrupted run
     ddp, opt, sched = build_md(steps=steps)
     fed_steps(ddp, opt, sched, range(at))
-    _save(ddp, opt, Path(RESHARD) / "dp1ckpt")
+    save_torch_dist(ddp, opt, Path(RESHARD) / "dp1ckpt")
     fed_steps(ddp, opt, sched, range(at, steps))
     torch.save({"params": full_params(ddp), "gains": md_gains_by_name(opt)}, Path(RESHARD) / "dp1_uninterrupted.pt")
 

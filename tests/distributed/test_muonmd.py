@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from megatron_hyperball.mcore.tree import describe
 from tests.distributed.helpers import (
-    AllReduceCounter,
     assert_gains_close,
     assert_rel_close,
     build_hyperball,
@@ -24,7 +23,9 @@ from tests.distributed.helpers import (
     local_optimizer_state,
     md_gains_by_name,
     md_reference,
-    sharded_state,
+    one_step_all_reduces,
+    load_torch_dist,
+    save_torch_dist,
 )
 
 WORLD_SIZES = (1, 2)
@@ -70,41 +71,12 @@ def test_muonmd_layer_wise_matches_reference(parallel, dp, tp, update_norm):
 def test_gain_sums_add_bytes_not_all_reduces(parallel):
     """TP = 2, layer-wise: MuonMD's step makes exactly MuonH's all-reduces, per group."""
     parallel(tp=2)
-    counts = {}
-    for name in ("muonh", "muonmd"):
-        counter = AllReduceCounter()
-        ddp, optimizer, scheduler = build_md(name, steps=2)
-        fed_steps(ddp, optimizer, scheduler, range(2), counter=counter, count_step=1)
-        counts[name] = dict(counter.counts)
+    counts = {name: one_step_all_reduces(build_md, name) for name in ("muonh", "muonmd")}
     print(f"rank {dist.get_rank()}: all-reduces of one step by group ranks: {counts}")
     assert counts["muonmd"] == counts["muonh"], counts
     assert sum(counts["muonmd"].values()) > 0
 
 
-def _save(ddp, optimizer, directory):
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
-    if dist.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save(sharded_state(ddp, optimizer, False), str(directory),
-                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-
-
-def _load(ddp, optimizer, directory):
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
-
-    from megatron_hyperball.mcore.builders import unwrap
-
-    with torch.no_grad():
-        for p in ddp.parameters():
-            p.mul_(1.5)
-    loaded = dist_checkpointing.load(sharded_state(ddp, optimizer, True), str(directory),
-                                     sharded_strategy=get_default_load_sharded_strategy(str(directory)))
-    unwrap(ddp).load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
 
 
 @pytest.mark.world_size(2)
@@ -115,13 +87,13 @@ def test_checkpoint_resume_is_bitwise_bf16(parallel, shared_tmp_path):
     parallel()
     ddp, opt, sched = build_md(steps=steps, bf16=True)
     fed_steps(ddp, opt, sched, range(at))
-    _save(ddp, opt, shared_tmp_path / "ckpt")
+    save_torch_dist(ddp, opt, shared_tmp_path / "ckpt")
     fed_steps(ddp, opt, sched, range(at, steps))
     want = full_params(ddp), local_optimizer_state(opt), all_gains(opt)
 
     parallel(seed=4321)
     ddp, opt, sched = build_md(steps=steps, bf16=True)
-    _load(ddp, opt, shared_tmp_path / "ckpt")
+    load_torch_dist(ddp, opt, shared_tmp_path / "ckpt")
     sched.num_steps = at
     fed_steps(ddp, opt, sched, range(at, steps))
     got = full_params(ddp), local_optimizer_state(opt), all_gains(opt)
@@ -142,17 +114,17 @@ def test_muonh_checkpoint_needs_the_option(parallel, shared_tmp_path):
     parallel()
     ddp, opt, sched = build_md("muonh", steps=4, bf16=True)
     fed_steps(ddp, opt, sched, range(2))
-    _save(ddp, opt, shared_tmp_path / "muonh")
+    save_torch_dist(ddp, opt, shared_tmp_path / "muonh")
 
     parallel()
     ddp, opt, _ = build_md(steps=4, bf16=True)
     with pytest.raises(ValueError, match=r"no magnitude-direction gains.*md_allow_missing_gains=True"):
-        _load(ddp, opt, shared_tmp_path / "muonh")
+        load_torch_dist(ddp, opt, shared_tmp_path / "muonh")
 
     parallel()
     ddp, opt, sched = build_md(steps=4, bf16=True, md_allow_missing_gains=True)
     with pytest.warns(UserWarning, match="those gains start at 1"):
-        _load(ddp, opt, shared_tmp_path / "muonh")
+        load_torch_dist(ddp, opt, shared_tmp_path / "muonh")
     sched.num_steps = 2
     assert all(fed_steps(ddp, opt, sched, range(2, 4)))
 
