@@ -32,7 +32,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_pg_size
 
-__all__ = ["init_parallel", "seed_all", "build_gpt", "wrap_ddp", "unwrap"]
+__all__ = ["init_parallel", "destroy_parallel", "seed_all", "build_gpt", "wrap_ddp", "unwrap"]
 
 
 def seed_all(seed: int) -> None:
@@ -55,8 +55,7 @@ def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234, **kwa
     """
     if not torch.distributed.is_initialized():
         raise RuntimeError("init_parallel: initialise torch.distributed first")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -64,6 +63,23 @@ def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234, **kwa
         **kwargs,
     )
     seed_all(seed)
+
+
+def destroy_parallel() -> None:
+    """Destroy Megatron's model-parallel state and the process groups it created.
+
+    ``destroy_model_parallel`` forgets its groups but torch keeps them alive: on gloo each
+    initialisation leaves ~20 groups and ~60 threads per rank behind (measured, megatron-core
+    0.19.2), so a process that switches layouts often (a test launch) reached 4,600 threads.
+    Every group but the default one is destroyed here.
+    """
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        world = torch.distributed.group.WORLD
+        for group in list(torch.distributed.distributed_c10d._world.pg_map):
+            if group is not world:
+                torch.distributed.destroy_process_group(group)
 
 
 def build_gpt(

@@ -4,8 +4,8 @@ The modules here are ordinary pytest modules run by every rank of
 
     torchrun --nproc-per-node N -m pytest tests/distributed/test_X.py
 
-(``tests/test_distributed.py`` does this once per world size a module lists in its
-``WORLD_SIZES``). Collected without torchrun (no ``WORLD_SIZE`` in the environment), they are
+(``tests/test_distributed.py`` launches every module listing a world size in its ``WORLD_SIZES``
+together, once per size, and reads the per-rank reports written here). Collected without torchrun (no ``WORLD_SIZE`` in the environment), they are
 ignored. A test marked ``@pytest.mark.world_size(2)`` (or ``(2, 4)``) is skipped in a launch of
 another size. The process group (gloo) and the CPU layer are set up once per launch; the
 ``parallel`` fixture sets up Megatron's model-parallel state for one test and destroys it after.
@@ -14,6 +14,7 @@ another size. The process group (gloo) and the CPU layer are set up once per lau
 from __future__ import annotations
 
 import datetime
+import json
 import os
 
 import pytest
@@ -21,8 +22,28 @@ import pytest
 UNDER_TORCHRUN = "WORLD_SIZE" in os.environ and "RANK" in os.environ
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# set by tests/test_distributed.py: each rank appends a line per collected test and per test result
+REPORT_DIR = os.environ.get("HYPERBALL_TEST_REPORT_DIR")
+
 if not UNDER_TORCHRUN:
     collect_ignore_glob = ["test_*.py"]
+
+
+def _report(record: dict) -> None:
+    """Append ``record`` to this rank's report, flushed at once: a rank killed mid-launch keeps its lines."""
+    if UNDER_TORCHRUN and REPORT_DIR:
+        with open(os.path.join(REPORT_DIR, f"rank{os.environ['RANK']}.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def pytest_collection_finish(session):
+    _report({"collected": [item.nodeid for item in session.items]})
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or not report.passed:  # a test's result; setup/teardown only when not passed
+        _report({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+                 "longrepr": str(report.longrepr)[-6000:] if report.failed else ""})
 
 
 def pytest_configure(config):
@@ -65,10 +86,9 @@ def distributed():
     import megatron_hyperball  # noqa: F401  (registers adamh / muonh with Megatron's factory)
 
     yield
-    from megatron.core import parallel_state
+    from megatron_hyperball.mcore.builders import destroy_parallel
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_parallel()
     dist.destroy_process_group()
 
 
@@ -76,16 +96,13 @@ def distributed():
 def parallel(distributed):
     """``parallel(tp=1, pp=1, ep=1, seed=1234)``: (re)initialise Megatron's parallel state and
     seed; destroyed when the test ends. Call it again in one test to switch layouts."""
-    from megatron.core import parallel_state
-
-    from megatron_hyperball.mcore.builders import init_parallel
+    from megatron_hyperball.mcore.builders import destroy_parallel, init_parallel
 
     def init(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234, **kwargs):
         init_parallel(tp=tp, pp=pp, ep=ep, seed=seed, **kwargs)
 
     yield init
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_parallel()
 
 
 @pytest.fixture

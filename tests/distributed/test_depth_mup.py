@@ -180,13 +180,12 @@ def run_case(case):
 
 @pytest.fixture(scope="module")
 def results(distributed):
-    from megatron.core import parallel_state
 
-    from megatron_hyperball.mcore.builders import init_parallel
+    from megatron_hyperball.mcore.builders import destroy_parallel, init_parallel
 
     init_parallel(tp=1)
     out = {name: run_case(case) for name, case in CASES.items()}
-    parallel_state.destroy_model_parallel()
+    destroy_parallel()
     return out
 
 

@@ -70,7 +70,7 @@ def dp_runs(distributed):
     Megatron's pipeline schedule) from DP = 2's initial weights."""
     from megatron.core import parallel_state
 
-    from megatron_hyperball.mcore.builders import build_gpt, init_parallel, wrap_ddp
+    from megatron_hyperball.mcore.builders import build_gpt, destroy_parallel, init_parallel, wrap_ddp
 
     runs = {}
     for name, case in TRAIN_CASES.items():
@@ -103,7 +103,7 @@ def dp_runs(distributed):
                 "ok": [s["ok"] for s in steps],
                 "params": full_params(ddp),
             }
-            parallel_state.destroy_model_parallel()
+            destroy_parallel()
     return runs
 
 
@@ -169,7 +169,7 @@ def _ckpt_run(variant, phase, ckpt_dir):
         get_default_save_sharded_strategy,
     )
 
-    from megatron_hyperball.mcore.builders import build_gpt, init_parallel, unwrap, wrap_ddp
+    from megatron_hyperball.mcore.builders import build_gpt, destroy_parallel, init_parallel, unwrap, wrap_ddp
 
     dtype, sharding = variant.split(":")
     init_parallel(seed=1234 if phase == "save" else 4321)
@@ -204,7 +204,7 @@ def _ckpt_run(variant, phase, ckpt_dir):
         out["load_changed_params"] = any(not torch.equal(before[k], out["at_checkpoint"][k]) for k in before)
     out["losses_after"] = [step(s) for s in (2, 3)]
     out["final"] = full_params(ddp)
-    parallel_state.destroy_model_parallel()
+    destroy_parallel()
     return out
 
 
@@ -240,7 +240,7 @@ def test_checkpoint_roundtrip_is_bitwise(shared_tmp_path, variant):
 def _tp_run(tp, start):
     from megatron.core import parallel_state
 
-    from megatron_hyperball.mcore.builders import build_gpt, init_parallel, wrap_ddp
+    from megatron_hyperball.mcore.builders import build_gpt, destroy_parallel, init_parallel, wrap_ddp
 
     init_parallel(tp=tp, seed=1234)
     model = build_gpt(**SHAPE, position_embedding_type="rope")
@@ -262,7 +262,7 @@ def _tp_run(tp, start):
         "local_shapes": local_shapes, "weights": weights, "logits": logits, "losses": losses,
         "params": full_params(ddp),
     }
-    parallel_state.destroy_model_parallel()
+    destroy_parallel()
     return out
 
 

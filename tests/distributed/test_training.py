@@ -46,9 +46,7 @@ def train(ddp, optimizer, scheduler, steps, step_fn=train_step):
 def e2e(distributed):
     """adam and adamh, 5 steps on the same global batches (clip-grad 1): DP = 2 by forward/backward
     and DP grad sync; DP = 1 as PP = 2 through Megatron's pipeline schedule."""
-    from megatron.core import parallel_state
-
-    from megatron_hyperball.mcore.builders import init_parallel
+    from megatron_hyperball.mcore.builders import destroy_parallel, init_parallel
 
     runs = {}
     for opt in ("adam", "adamh"):
@@ -58,7 +56,7 @@ def e2e(distributed):
             run = train(ddp, optimizer, scheduler, range(STEPS), step_fn)
             run["params"] = full_params(ddp)
             runs[opt, layout] = run
-            parallel_state.destroy_model_parallel()
+            destroy_parallel()
     return runs
 
 
