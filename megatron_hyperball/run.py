@@ -38,6 +38,8 @@ import runpy
 import sys
 from typing import Optional, Sequence
 
+from megatron_hyperball.config.launch import report_once_per_node
+
 __all__ = ["main", "cpu_flags", "known_failure", "CPU_FLAGS", "USAGE", "EXIT_USAGE"]
 
 EXIT_USAGE = 2
@@ -136,15 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if argv else EXIT_USAGE
     script, flags = argv[0], argv[1:]
     if script.startswith("-") or not os.path.isfile(script):
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(_usage(), file=sys.stderr)
-            print(f"megatron_hyperball.run: error: {script!r} is not a file; the first argument is the training "
-                  f"script (e.g. Megatron-LM's pretrain_gpt.py)", file=sys.stderr)
+        report_once_per_node(f"{_usage()}\nmegatron_hyperball.run: error: {script!r} is not a file; the first "
+                             f"argument is the training script (e.g. Megatron-LM's pretrain_gpt.py)")
         return EXIT_USAGE
     problem = known_failure(flags)
     if problem is not None:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"megatron_hyperball.run: error: {problem}", file=sys.stderr)
+        report_once_per_node(f"megatron_hyperball.run: error: {problem}")
         return EXIT_USAGE
 
     import torch

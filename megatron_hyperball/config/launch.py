@@ -17,6 +17,9 @@ like the schema's in one ``ConfigError``.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
+import time
 from typing import Callable, Sequence, Union
 
 from megatron_hyperball.config.load import load_config, split_argv
@@ -24,7 +27,19 @@ from megatron_hyperball.config.schema import ConfigError, HyperballConfig
 
 CpuFlag = Union[bool, Callable[[], bool]]
 
-__all__ = ["launch_problems", "config_for_launch"]
+__all__ = ["launch_problems", "config_for_launch", "report_once_per_node"]
+
+
+def report_once_per_node(message: str) -> None:
+    """A refusal, printed on stderr by local rank 0 only (one copy per node, not one per rank).
+
+    The other local ranks of a torchrun launch then wait (up to 10 s) for torchrun to stop them:
+    when one of them exited first, torchrun stopped local rank 0 before it had printed (2 of 6
+    refusals in one suite run on the loaded 2-core VM lost their message that way)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(10)
 
 
 def _layout_problems(cfg: HyperballConfig, world_size: int) -> list[tuple[str, str]]:

@@ -44,6 +44,7 @@ class _MegatronArgsError(Exception):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_hyperball.config import ConfigError, config_for_launch, split_argv
+    from megatron_hyperball.config.launch import report_once_per_node as _report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     check_only = CHECK_ONLY_FLAG in argv
@@ -114,12 +115,6 @@ def _complete_package_import() -> None:
     if pkg is not None and pkg.__dict__.pop(DEFERRED_INIT_ATTR, False):
         pkg.__spec__.loader.exec_module(pkg)
     import megatron_hyperball  # noqa: F401
-
-
-def _report(message: str) -> None:
-    """A problem, printed once per node (local rank 0), on stderr."""
-    if _env_int("LOCAL_RANK", 0) == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _env_int(name: str, default: int) -> int:
