@@ -4,11 +4,12 @@ Nothing happens on import. ``enable_cpu()`` (once per process, after
 ``torch.distributed.init_process_group('gloo')``, before any Megatron model, DDP wrapper or
 optimizer is built) makes the CPU the device for Megatron's own DDP, ZeRO-1 and layer-wise
 optimizers, GPTModel, tensor parallelism and dist_checkpointing: it replaces the device, never
-the algorithm. Three parts, one file each:
+the algorithm. Four parts, one file each:
 
 - ``torch_view``: Megatron's modules see a torch whose CUDA device factories and streams are the CPU's.
 - ``tensor_methods``: ``Tensor.type()`` / ``.cuda()`` device checks inside named Megatron functions.
 - ``rng``: Megatron's CUDA RNG tracker on the CPU generator.
+- ``allocator``: freed tensor memory stays in the heap (glibc), as in CUDA's caching allocator.
 
 What ``megatron.training``'s loop needs on top (allow_no_cuda, one device, no fused-kernel
 warm-up, ...) is the ``cpu`` group of ``megatron_hyperball.patches``. Known limits on gloo: MoE
@@ -25,7 +26,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from megatron_hyperball.compat import rng, tensor_methods, torch_view
+from megatron_hyperball.compat import allocator, rng, tensor_methods, torch_view
 from megatron_hyperball.compat._common import lock
 
 __all__ = ["enable_cpu", "is_enabled", "backends"]
@@ -93,10 +94,11 @@ def enable_cpu() -> Dict[str, Any]:
         modules = torch_view.install()
         functions = tensor_methods.install()
         rng.install()
+        heap_reuse = allocator.keep_freed_memory()
         _ENABLED = True
         _log.debug("enable_cpu: %d modules, %d functions", modules, len(functions))
         return {"megatron_core": version, "modules_with_cpu_torch": modules,
-                "functions_with_cpu_tensor_methods": functions}
+                "functions_with_cpu_tensor_methods": functions, "heap_keeps_freed_memory": heap_reuse}
 
 
 def backends() -> Dict[str, Any]:
