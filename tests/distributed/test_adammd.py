@@ -285,3 +285,41 @@ def test_adammd_non_sharded_wrappers(parallel, bf16):
     ref, _ = md_reference({n: tuple(t.shape) for n, t in params.items()}, STEPS, LR, GAIN_LR)
     spheres = {n: params[n] for n in params if is_sphere(n)}
     assert_rel_close(spheres, {n: ref[n] for n in spheres}, 4e-3 if bf16 else 2e-6, f"AdamMD non-sharded bf16={bf16}")
+
+
+def md_state(optimizer) -> dict:
+    """{sphere key: {'step': t, '<side>_raw' / '_exp_avg' / '_exp_avg_sq': vector}} of every MD leaf here."""
+    out = {}
+    for leaf in leaves(optimizer):
+        opt = inner(leaf)
+        hook = getattr(opt, "md_hook", None)
+        if hook is not None:
+            out.update(hook.state_dict(opt.sphere_index())["md_gains"])
+    return out
+
+
+@pytest.mark.world_size(2)
+def test_non_finite_step_changes_nothing_gains_included(parallel):
+    """bf16 params, loss scale 1: a NaN gradient at step 2 goes through Megatron's found-inf path,
+    which skips the step before the gain hook runs; weights, Adam state and the gains (values,
+    moments, step counts) equal a run that never saw step 2, bitwise."""
+    results = {}
+    for case, steps, nan_step in (("with_nan", [0, 1, 2, 3], 2), ("without", [0, 1, 3], -1)):
+        parallel()
+        ddp, optimizer, scheduler = build_md(steps=4, bf16=True, loss_scale=1.0)
+        ok = fed_steps(ddp, optimizer, scheduler, steps, nan_step=nan_step)
+        results[case] = ok, full_params(ddp), local_optimizer_state(optimizer), md_state(optimizer)
+    assert results["with_nan"][0] == [True, True, False, True]
+    for part in (1, 2):  # weights; per-element Adam state
+        a, b = results["with_nan"][part], results["without"][part]
+        assert a.keys() == b.keys() and a
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    gains_a, gains_b = results["with_nan"][3], results["without"][3]
+    assert gains_a.keys() == gains_b.keys() and gains_a
+    for key, entry in gains_a.items():
+        assert entry["step"] == gains_b[key]["step"] == 3.0, (key, entry["step"], gains_b[key]["step"])
+        for q, value in entry.items():
+            if q != "step":
+                assert torch.equal(value, gains_b[key][q]), (key, q)
+        assert entry["row_exp_avg"].abs().max() > 0, key  # the gains did take steps
