@@ -411,3 +411,29 @@ def test_checkpoint_without_gains(cls, base):
     g = _stored_gains(md, p)
     assert md.md_hook.steps.tolist() == [1.0]  # the gains' own Adam starts at step 1
     assert all((v - 1).abs().max() > 0 for v in g.values())
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("zero", [None, (5, 29), (0, 11), (17, 40)])
+def test_gated_fc1_rows_are_in_gate_up_order_at_every_tp(tp, zero):
+    """A SwiGLU fc1 (full [gate; up], 2f x n) split over TP ranks (shard t = [gate rows of t; up rows
+    of t]) and then sliced by ZeRO-1: every local element's full-matrix (row, col) from
+    ``param_blocks(gated=True)`` is its position in [gate; up], whatever the TP size."""
+    from megatron_hyperball.mcore.coords import param_blocks
+
+    f, n = 8, 5
+    full = torch.arange(2 * f * n).view(2 * f, n)          # element value = its [gate; up] flat index
+    gate, up = full[:f], full[f:]
+    for t in range(tp):
+        rows = slice(t * f // tp, (t + 1) * f // tp)
+        shard = torch.cat([gate[rows], up[rows]])           # Megatron's layout of TP shard t
+        param = torch.nn.Parameter(shard.float())
+        param.tensor_model_parallel, param.partition_dim = True, 0
+        start, end = (0, shard.numel()) if zero is None else (min(zero[0], shard.numel()), min(zero[1], shard.numel()))
+        local = shard.reshape(-1)[start:end]
+        got = torch.full_like(local, -1)
+        for b in param_blocks(param, tp, t, None if zero is None else (start, end), gated=True):
+            rr, cc = torch.meshgrid(torch.arange(b.row, b.row + b.rows), torch.arange(b.col, b.col + b.cols),
+                                    indexing="ij")
+            got[b.offset: b.offset + b.numel] = (rr * n + cc).reshape(-1)
+        assert torch.equal(got, local), (tp, t, zero)

@@ -2,8 +2,8 @@
 
 A rank holds part of a weight matrix W (viewed as out x everything-else, ``sphere.matrix_shape``)
 because tensor parallelism splits it along ``partition_dim`` (rank t holds the t-th equal chunk,
-as Megatron's TP gather concatenates them; fused QKV and gate/up are therefore in Megatron's own
-TP-concatenated row order) and because ZeRO-1 gives the rank a flat slice ``[start, end)`` of its
+as Megatron's TP gather concatenates them; fused QKV is therefore in Megatron's own TP-concatenated
+row order, which does not depend on the TP size) and because ZeRO-1 gives the rank a flat slice ``[start, end)`` of its
 TP shard's row-major elements (possibly empty, cutting rows anywhere).
 
 Such a local tensor is a run of at most three rectangles of the full matrix, each stored
@@ -118,13 +118,34 @@ def element_coords(*args, device=None, **kwargs) -> tuple[torch.Tensor, torch.Te
 
 
 def param_blocks(model_param: torch.nn.Parameter, tp_size: int, tp_rank: int,
-                 flat_range: Optional[tuple[int, int]] = None) -> list[Block]:
+                 flat_range: Optional[tuple[int, int]] = None, gated: bool = False) -> list[Block]:
     """:func:`local_blocks` of a Megatron model parameter (its ``tensor_model_parallel`` /
-    ``partition_dim`` attributes) and, under ZeRO-1, this rank's ``flat_range`` of it."""
+    ``partition_dim`` attributes) and, under ZeRO-1, this rank's ``flat_range`` of it.
+
+    ``gated``: a gated-linear-unit fc1 (SwiGLU), whose TP shard t is [gate rows of t; up rows of t].
+    Its rows are placed in the TP-independent order [all gate rows; all up rows] (Megatron's own
+    checkpoint order for it, ``apply_swiglu_sharded_factory``), so per-row state such as MD's row
+    gains means the same rows at any TP size; the TP-gathered order would interleave the halves by
+    rank and a checkpoint resumed at another TP size would permute them."""
     local = list(model_param.shape)
     full = list(local)
     dim = None
     if tp_size > 1 and getattr(model_param, "tensor_model_parallel", False):
         dim = int(model_param.partition_dim)
         full[dim] *= tp_size
-    return local_blocks(full, local, dim, tp_rank, flat_range)
+    if not (gated and dim == 0):
+        return local_blocks(full, local, dim, tp_rank, flat_range)
+    if local[0] % 2:
+        raise ValueError(f"a gated fc1 shard of shape {tuple(local)} has an odd number of rows (not [gate; up])")
+    half_local, half_full = [local[0] // 2, *local[1:]], [full[0] // 2, *full[1:]]
+    n_half = math.prod(half_local)
+    start, end = (0, 2 * n_half) if flat_range is None else (int(flat_range[0]), int(flat_range[1]))
+    blocks: list[Block] = []
+    for part in (0, 1):  # gate rows, then up rows: the local halves, at rows part * (m / 2) of the full order
+        lo, hi = max(start - part * n_half, 0), min(end - part * n_half, n_half)
+        if lo >= hi:
+            continue
+        for b in local_blocks(half_full, half_local, 0, tp_rank, (lo, hi)):
+            blocks.append(Block(b.row + part * half_full[0], b.col, b.rows, b.cols,
+                                b.offset + max(part * n_half - start, 0)))
+    return blocks

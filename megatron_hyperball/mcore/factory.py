@@ -24,6 +24,7 @@ Other optimizer names go to Megatron's original factory untouched.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 import torch.distributed as dist
@@ -200,10 +201,18 @@ def _check_same_count_over_tp(index) -> None:
             )
 
 
-def gain_layout(leaf, sphere_set, pg_collection):
+def gated_fc1(model_chunks, param_names) -> frozenset:
+    """The SwiGLU fc1 weights (dense and expert) of a model with ``gated_linear_unit``: their rows are
+    [gate; up] and MD's row gains follow that order at every TP size (``coords.param_blocks``)."""
+    if not getattr(model_chunks[0].config, "gated_linear_unit", False):
+        return frozenset()
+    return frozenset(p for p, name in param_names.items() if re.search(r"(^|\.)linear_fc1\.weight\d*$", name))
+
+
+def gain_layout(leaf, sphere_set, pg_collection, gated=frozenset()):
     """The MD hook's layout for a leaf: each local sphere tensor's blocks of the full matrix
-    (``mcore.coords``), from its TP shard and, on ZeRO-1, this rank's flat range of it. Computed
-    once here; a handful of integers per tensor."""
+    (``mcore.coords``), from its TP shard and, on ZeRO-1, this rank's flat range of it; ``gated``
+    fc1 weights in [gate; up] order. Computed once here; a handful of integers per tensor."""
     blocks = {}
     for model_param, main in tree.main_params(leaf).items():
         if model_param not in sphere_set:
@@ -213,7 +222,8 @@ def gain_layout(leaf, sphere_set, pg_collection):
         if isinstance(leaf, DistributedOptimizer):
             r = leaf._get_model_param_range_map(model_param)["param"]
             flat = (r.start, r.end)
-        blocks[id(main.tensor)] = param_blocks(model_param, group_size(tp_group), group_rank(tp_group), flat)
+        blocks[id(main.tensor)] = param_blocks(model_param, group_size(tp_group), group_rank(tp_group), flat,
+                                               gated=model_param in gated)
 
     def layout(index, p, k):
         return blocks[id(p)]
@@ -222,7 +232,7 @@ def gain_layout(leaf, sphere_set, pg_collection):
 
 
 def _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names, md: bool = False,
-                   qkv_splits=None) -> None:
+                   qkv_splits=None, gated=frozenset()) -> None:
     if getattr(leaf, "is_stub_optimizer", False) or not hasattr(leaf, "optimizer"):
         return
     if not config.decoupled_weight_decay:
@@ -236,7 +246,7 @@ def _install_adamh(leaf, config, hb, sphere_set, pg_collection, param_names, md:
             group["weight_decay"] = 0.0  # wd_mult is 0 for spheres; Megatron's scheduler keeps it so
     md_kwargs = dict(gains=hb.gains, gain_parametrization=hb.gain_parametrization, gain_lr=hb.gain_lr,
                      allow_missing_gains=hb.allow_missing_gains,
-                     gain_layout=gain_layout(leaf, sphere_set, pg_collection)) if md else {}
+                     gain_layout=gain_layout(leaf, sphere_set, pg_collection, gated)) if md else {}
     leaf.optimizer = (AdamMD if md else AdamH).over_param_groups(
         groups,
         lr=config.lr,
@@ -301,6 +311,7 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         _check_muon_layout(config, model_chunks)
     prepare_model_spheres(spheres, param_names, hb.radius, pg_collection, qkv_splits)
     keys = sphere_keys(model_chunks)  # checkpointed hook state (radius, gains) by whole-model name
+    gated = gated_fc1(model_chunks, param_names) if info.md else frozenset()
 
     overrides = dict(get_standard_config_overrides(config) if config_overrides is None else config_overrides)
     on_sphere = ParamWithNamePredicate(name="hyperball_sphere", fn=lambda p, _n: p in sphere_set)
@@ -311,7 +322,8 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         opt = original(adam_config, model_chunks, overrides, use_gloo_process_groups, pg_collection,
                        dump_param_to_param_group_map)
         for leaf in tree.leaves(opt):
-            _install_adamh(leaf, config, hb, sphere_set, pg_collection, keys, md=info.md, qkv_splits=qkv_splits)
+            _install_adamh(leaf, config, hb, sphere_set, pg_collection, keys, md=info.md, qkv_splits=qkv_splits,
+                           gated=gated)
         return opt
 
     registered = "muonmd" if info.md else "muonh"
@@ -324,5 +336,5 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         if isinstance(muon, TensorParallelMuonH):
             muon.set_sphere_index(_sphere_index_for(leaf, sphere_set, pg_collection, keys, qkv_splits))
             if info.md:
-                muon.md_hook.layout = gain_layout(leaf, sphere_set, pg_collection)
+                muon.md_hook.layout = gain_layout(leaf, sphere_set, pg_collection, gated)
     return opt
