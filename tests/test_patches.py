@@ -14,24 +14,48 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_hyperball"
 
 
-def _python(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+# One fresh interpreter for all the registry facts below (each read in the order that keeps them
+# independent: the plain import first, the test entries last); a start-up costs ~20 s on 2 cores.
+FACTS_SCRIPT = """
+import json, megatron_hyperball
+from megatron_hyperball import compat, patches
+from megatron.core.optimizer import distrib_optimizer as d
+facts = {}
+cls = d.DistributedOptimizer
+facts["plain"] = {"applied": [a.split(":")[0] for a in patches.applied()],
+    "torch_adamw": not d.HAVE_APEX_OR_TE, "cpu": compat.is_enabled(),
+    "marked": [getattr(getattr(cls, n), patches.MARKER, False) for n in
+               ("sharded_state_dict", "_set_main_param_and_optimizer_states", "load_state_dict")]}
+try:
+    patches.apply_training(cpu=True)
+    facts["cpu_refusal"] = ""
+except RuntimeError as e:
+    facts["cpu_refusal"] = str(e)
+patches.apply("training"); first = patches.applied(); patches.apply("training")
+facts["training"] = {"same": first == patches.applied(), "n": len(first),
+    "entries": [[p.name, p.group, list(p.versions), len(p.why), p.target] for p in patches.REGISTRY]}
+calls = []
+for v, name in ((("0.99.",), "future"), ((patches.megatron_version()[:5],), "current")):
+    patches.register(patches.Patch(name=name, target="megatron.x", versions=v, why="test",
+                                   install=lambda name=name: calls.append(name), group="test"))
+patches.apply("test")
+facts["versions"] = {"calls": calls, "skipped": patches._skipped.get("future", ""),
+    "applied": [a for a in patches.applied() if a.startswith(("future", "current"))]}
+print(json.dumps(facts))
+"""
+
+
+@pytest.fixture(scope="module")
+def facts() -> dict:
+    out = subprocess.run([sys.executable, "-c", FACTS_SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.strip().splitlines()[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_plain_import_installs_core_patches_and_torch_adamw_fixes():
+def test_plain_import_installs_core_patches_and_torch_adamw_fixes(facts):
     """Without enable_cpu(): the torch-AdamW checkpoint fixes are installed whenever Megatron fell
     back to torch's AdamW (always here: no TE / apex), with the optimizer registration."""
-    got = json.loads(_python(
-        "import json, megatron_hyperball\n"
-        "from megatron_hyperball import compat, patches\n"
-        "from megatron.core.optimizer import distrib_optimizer as d\n"
-        "cls = d.DistributedOptimizer\n"
-        "print(json.dumps({'applied': [a.split(':')[0] for a in patches.applied()],\n"
-        "  'torch_adamw': not d.HAVE_APEX_OR_TE, 'cpu': compat.is_enabled(),\n"
-        "  'marked': [getattr(getattr(cls, n), patches.MARKER, False) for n in\n"
-        "             ('sharded_state_dict', '_set_main_param_and_optimizer_states', 'load_state_dict')]}))"))
+    got = facts["plain"]
     assert got["cpu"] is False
     assert got["torch_adamw"] is True
     assert got["applied"] == ["dp_reshardable_load_no_grad", "torch_adamw_checkpoint_state",
@@ -40,13 +64,8 @@ def test_plain_import_installs_core_patches_and_torch_adamw_fixes():
     assert got["marked"] == [True, True, True]
 
 
-def test_entries_are_documented_and_training_groups_apply_once():
-    got = json.loads(_python(
-        "import json, megatron_hyperball\n"
-        "from megatron_hyperball import patches\n"
-        "patches.apply('training'); first = patches.applied(); patches.apply('training')\n"
-        "print(json.dumps({'same': first == patches.applied(), 'n': len(first),\n"
-        "  'entries': [[p.name, p.group, list(p.versions), len(p.why), p.target] for p in patches.REGISTRY]}))"))
+def test_entries_are_documented_and_training_groups_apply_once(facts):
+    got = facts["training"]
     assert got["same"] is True
     entries = got["entries"]
     assert len({e[0] for e in entries}) == len(entries)  # unique names
@@ -57,27 +76,16 @@ def test_entries_are_documented_and_training_groups_apply_once():
     assert got["n"] == 8 + sum(e[1] == "training" for e in entries)
 
 
-def test_other_megatron_version_is_skipped_not_patched():
+def test_other_megatron_version_is_skipped_not_patched(facts):
     """An entry written for other megatron-core versions is skipped (logged), never installed."""
-    got = json.loads(_python(
-        "import json, megatron_hyperball\n"
-        "from megatron_hyperball import patches\n"
-        "calls = []\n"
-        "for v, name in ((('0.99.',), 'future'), ((patches.megatron_version()[:5],), 'current')):\n"
-        "    patches.register(patches.Patch(name=name, target='megatron.x', versions=v, why='test',\n"
-        "                                   install=lambda name=name: calls.append(name), group='test'))\n"
-        "patches.apply('test')\n"
-        "print(json.dumps({'calls': calls, 'skipped': patches._skipped.get('future', ''),\n"
-        "  'applied': [a for a in patches.applied() if a.startswith(('future', 'current'))]}))"))
+    got = facts["versions"]
     assert got["calls"] == ["current"]
     assert got["applied"] == ["current: megatron.x"]
     assert "written for megatron-core 0.99." in got["skipped"]
 
 
-def test_cpu_group_needs_the_cpu_layer():
-    code = ("import megatron_hyperball\nfrom megatron_hyperball import patches\n"
-            "try:\n    patches.apply_training(cpu=True)\nexcept RuntimeError as e:\n    print(e)\n")
-    assert "call megatron_hyperball.compat.enable_cpu() first" in _python(code)
+def test_cpu_group_needs_the_cpu_layer(facts):
+    assert "call megatron_hyperball.compat.enable_cpu() first" in facts["cpu_refusal"]
 
 
 def _megatron_names(tree: ast.Module) -> set[str]:
