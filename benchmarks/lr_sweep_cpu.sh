@@ -19,10 +19,12 @@ PINNED="optimizer.embedding_lr=0.003 optimizer.output_lr=0.001 optimizer.scalar_
 sweep muonh $HB 64,128,256
 sweep muonh 0.24,0.48 64            # width 64's best lr was the grid's top (0.12)
 sweep adamw $AW 64,128,256
+sweep adamw 0.00025,0.0005 256      # width 256's best lr was the grid's bottom (0.001)
 sweep adamh $HB 64,128,256
+sweep adamh 0.24,0.48 64            # width 64's best lr was the grid's top (0.12)
 OUT_SUFFIX=_pinned sweep muonh $HB 64,128,256 $PINNED
 # reports over every finished run of each folder
 sweep muonh $HB,0.24,0.48 64,128,256 --report-only
-sweep adamw $AW 64,128,256 --report-only
-sweep adamh $HB 64,128,256 --report-only
+sweep adamw 0.00025,0.0005,$AW 64,128,256 --report-only
+sweep adamh $HB,0.24,0.48 64,128,256 --report-only
 OUT_SUFFIX=_pinned sweep muonh $HB 64,128,256 --report-only $PINNED
