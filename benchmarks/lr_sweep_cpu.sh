@@ -3,7 +3,7 @@
 # 300 steps, 2 ranks, every param group at the swept lr) across widths 64 / 128 / 256. Resumable:
 # rerun it and finished runs are skipped (runs/sweep_cpu_<optimizer>/<run>/result.json); each
 # sweep's report is runs/sweep_cpu_<opt>/report.md (+ loss_vs_lr.png with matplotlib).
-# ~45 runs of ~1.5 min on 2 idle cores.
+# 68 runs of 1-2.5 min on 2 idle cores (~1.7 h).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 HB=0.0075,0.015,0.03,0.06,0.12      # hyperball grid (MuonH quickstart lr: 0.03)
@@ -23,8 +23,9 @@ sweep adamw 0.00025,0.0005 256      # width 256's best lr was the grid's bottom 
 sweep adamh $HB 64,128,256
 sweep adamh 0.24,0.48 64            # width 64's best lr was the grid's top (0.12)
 OUT_SUFFIX=_pinned sweep muonh $HB 64,128,256 $PINNED
+OUT_SUFFIX=_pinned sweep muonh 0.24,0.48 64 $PINNED   # width 64's best lr was the grid's top (0.12)
 # reports over every finished run of each folder
 sweep muonh $HB,0.24,0.48 64,128,256 --report-only
 sweep adamw 0.00025,0.0005,$AW 64,128,256 --report-only
 sweep adamh $HB,0.24,0.48 64,128,256 --report-only
-OUT_SUFFIX=_pinned sweep muonh $HB 64,128,256 --report-only $PINNED
+OUT_SUFFIX=_pinned sweep muonh $HB,0.24,0.48 64,128,256 --report-only $PINNED
