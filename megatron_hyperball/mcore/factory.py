@@ -145,6 +145,15 @@ def _sphere_index_for(leaf, sphere_set, pg_collection, param_names, qkv_splits=N
     return index
 
 
+def _flat_range(leaf, model_param):
+    """(start, end) of the model param's TP shard that this rank's ZeRO-1 optimizer holds; None when the
+    leaf is not Megatron's DistributedOptimizer (it holds the whole shard)."""
+    if not isinstance(leaf, DistributedOptimizer):
+        return None
+    r = leaf._get_model_param_range_map(model_param)["param"]
+    return r.start, r.end
+
+
 def _local_rows(model_param, tp_group, flat, device) -> torch.Tensor:
     """The full-matrix row (int64) of each element of a rank's TP shard of ``model_param``, or of
     its ZeRO-1 ``flat`` range of that shard (``mcore.coords``)."""
@@ -157,11 +166,8 @@ def _element_rows(leaf, pg_collection):
     """rows_of for build_index: the full-matrix row of each local element (coords), from the TP shard
     and, on ZeRO-1, this rank's flat range of the param (params holding several spheres only)."""
     def rows_of(model_param, tensor):
-        flat = None
-        if isinstance(leaf, DistributedOptimizer):
-            r = leaf._get_model_param_range_map(model_param)["param"]
-            flat = (r.start, r.end)
-        return _local_rows(model_param, tree.tp_group_of(model_param, pg_collection), flat, tensor.device)
+        return _local_rows(model_param, tree.tp_group_of(model_param, pg_collection), _flat_range(leaf, model_param),
+                           tensor.device)
 
     return rows_of
 
@@ -218,12 +224,8 @@ def gain_layout(leaf, sphere_set, pg_collection, gated=frozenset()):
         if model_param not in sphere_set:
             continue
         tp_group = tree.tp_group_of(model_param, pg_collection)
-        flat = None
-        if isinstance(leaf, DistributedOptimizer):
-            r = leaf._get_model_param_range_map(model_param)["param"]
-            flat = (r.start, r.end)
-        blocks[id(main.tensor)] = param_blocks(model_param, group_size(tp_group), group_rank(tp_group), flat,
-                                               gated=model_param in gated)
+        blocks[id(main.tensor)] = param_blocks(model_param, group_size(tp_group), group_rank(tp_group),
+                                               _flat_range(leaf, model_param), gated=model_param in gated)
 
     def layout(index, p, k):
         return blocks[id(p)]
