@@ -17,6 +17,7 @@ import re
 import zlib
 from typing import Callable, Dict, Iterable, Optional
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -620,3 +621,8 @@ def one_step_all_reduces(build_fn, name: str) -> dict:
     fed_steps(ddp, optimizer, scheduler, range(2), counter=counter, count_step=1)
     return dict(counter.counts)
 
+
+def layout(dp: int, tp: int = 1, *values, id: Optional[str] = None):
+    """A ``pytest.param(dp, tp, *values)`` for a data x tensor parallel layout, run only in a launch
+    of dp * tp ranks (id ``dp{dp}-tp{tp}`` unless given)."""
+    return pytest.param(dp, tp, *values, id=id or f"dp{dp}-tp{tp}", marks=pytest.mark.world_size(dp * tp))

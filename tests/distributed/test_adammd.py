@@ -25,6 +25,7 @@ from tests.distributed.helpers import (
     fed_steps,
     full_params,
     is_sphere,
+    layout,
     local_optimizer_state,
     md_gains_by_name,
     md_reference,
@@ -38,10 +39,6 @@ STEPS, LR, GAIN_LR = 12, 0.02, 0.02  # a gain lr that moves the gains (|g - 1| ~
 PATH = "DistributedOptimizer > AdamMD (megatron_hyperball)"
 
 
-def layout(dp, tp=1):
-    return pytest.param(dp, tp, id=f"dp{dp}-tp{tp}", marks=pytest.mark.world_size(dp * tp))
-
-
 def build_md(name="adammd", steps=STEPS, **kw):
     return build(name, lr=LR, steps=steps, **{"md_gain_lr": GAIN_LR, **kw})
 
@@ -50,14 +47,14 @@ def partial_rows(optimizer) -> bool:
     """Whether this rank holds a sphere slice that starts or ends inside a row."""
     for leaf in leaves(optimizer):
         opt = inner(leaf)
-        layout = getattr(getattr(opt, "md_hook", None), "layout", None)
-        if layout is None:
+        hook_layout = getattr(getattr(opt, "md_hook", None), "layout", None)
+        if hook_layout is None:
             continue
         index = opt.sphere_index()
         for group in opt.param_groups:
             for p in group["params"]:
                 k = index.sphere_of(p)
-                if k is not None and any(b.rows == 1 and b.cols < index.shapes[k][1] for b in layout(index, p, k)):
+                if k is not None and any(b.rows == 1 and b.cols < index.shapes[k][1] for b in hook_layout(index, p, k)):
                     return True
     return False
 

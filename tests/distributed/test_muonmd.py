@@ -20,11 +20,12 @@ from tests.distributed.helpers import (
     fed_steps,
     full_params,
     is_sphere,
+    layout,
+    load_torch_dist,
     local_optimizer_state,
     md_gains_by_name,
     md_reference,
     one_step_all_reduces,
-    load_torch_dist,
     save_torch_dist,
 )
 
@@ -47,11 +48,7 @@ def all_gains(optimizer) -> dict:
 
 
 @pytest.mark.parametrize("update_norm", ["shape", "exact"])
-@pytest.mark.parametrize("dp,tp", [
-    pytest.param(1, 1, id="dp1", marks=pytest.mark.world_size(1)),
-    pytest.param(2, 1, id="dp2", marks=pytest.mark.world_size(2)),
-    pytest.param(1, 2, id="tp2", marks=pytest.mark.world_size(2)),
-])
+@pytest.mark.parametrize("dp,tp", [layout(1), layout(2), layout(1, tp=2)])
 def test_muonmd_layer_wise_matches_reference(parallel, dp, tp, update_norm):
     parallel(tp=tp)
     ddp, optimizer, scheduler = build_md(hyperball_update_norm=update_norm)

@@ -16,15 +16,16 @@ import torch.distributed as dist
 from tests.distributed import helpers
 from tests.distributed.helpers import (
     AdamHReference,
-    MuonHReference,
-    model_reference,
     assert_rel_close,
     build_hyperball,
     fed_steps,
     full_params,
     grad,
     initial,
+    layout,
+    model_reference,
     muonh_reference,
+    MuonHReference,
 )
 
 WORLD_SIZES = (1, 2)
@@ -136,10 +137,8 @@ def test_adamh_zero1_split_qkv(parallel, monkeypatch, dp, tp, radius, groups, bu
 
 
 @pytest.mark.parametrize("dp,tp", [
-    pytest.param(1, 1, id="dp1", marks=pytest.mark.world_size(1)),
-    pytest.param(2, 1, id="dp2", marks=pytest.mark.world_size(2)),
-    # each TP rank holds one query group; Megatron's NS gathers each part over TP
-    pytest.param(1, 2, id="tp2", marks=pytest.mark.world_size(2)),
+    layout(1), layout(2),
+    layout(1, tp=2),  # each TP rank holds one query group; Megatron's NS gathers each part over TP
 ])
 def test_muonh_layer_wise_split_qkv(parallel, monkeypatch, dp, tp):
     parallel(tp=tp)
